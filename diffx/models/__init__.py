@@ -1,0 +1,1 @@
+"""Denoiser networks; every one is ``forward(x, t, cond) -> Tensor shaped like x``."""

@@ -1,0 +1,176 @@
+"""Blocks shared by the UNet and the MMDiT: timestep and label embeddings, attention, adaLN, norms."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffx.errors import DiffxError
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of t in [0, 1] (Vaswani et al. 2017; DDPM, Ho et al. 2020): (B,) -> (B, dim).
+
+    t is scaled by 1000 so the frequencies span the same range as for DDPM's integer steps.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    # An odd dim gets one zero column so the output is exactly `dim` wide.
+    return F.pad(emb, (0, dim % 2))
+
+
+class TimestepEmbedder(nn.Module):
+    """t -> sinusoidal features -> MLP, as in DiT (Peebles & Xie 2023)."""
+
+    def __init__(self, dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: Tensor) -> Tensor:
+        # Under autocast the Linear casts the float32 features itself.
+        return self.mlp(timestep_embedding(t, self.freq_dim))
+
+
+class LabelEmbedder(nn.Module):
+    """Class label -> vector, with one extra learned row for the null label -1 (classifier-free
+    guidance, Ho & Salimans 2022): the null condition is a learned embedding, not a zero vector."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.table = nn.Embedding(num_classes + 1, dim)
+        nn.init.normal_(self.table.weight, std=0.02)
+
+    def forward(self, label: Tensor) -> Tensor:
+        null = torch.full_like(label, self.num_classes)
+        return self.table(torch.where(label < 0, null, label))
+
+
+def conditioning_vector(embedders: nn.ModuleDict, cond: dict | None, base: Tensor) -> Tensor:
+    """Sum ``base`` (the timestep embedding) and each present condition's embedding.
+
+    ``embedders`` maps a cond key ("label", "pooled") to its module; keys the model was built
+    without are absent, so a condition the model cannot use is ignored rather than an error.
+    """
+    for key, embed in embedders.items():
+        if cond is not None and key in cond:
+            base = base + embed(cond[key])
+    return base
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: x (B, N, D) normalised, then scaled and shifted per sample by (B, D) vectors."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def ada_ln(dim: int, chunks: int) -> nn.Sequential:
+    """The adaLN-Zero regression c -> `chunks` vectors of width `dim` (Peebles & Xie 2023, sec. 3.2).
+
+    Zero-initialised so every gated residual branch starts as the identity.
+    """
+    linear = nn.Linear(dim, chunks * dim)
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    return nn.Sequential(nn.SiLU(), linear)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019), used per head on q and k (QK-norm, SD3 sec. 5.3.2).
+
+    Computed in float32: under bf16 autocast the attention logits are what QK-norm protects.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * self.weight.float()).to(x.dtype)
+
+
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    """(B, N, H * Dh) -> (B, H, N, Dh), the layout scaled_dot_product_attention wants."""
+    b, n, d = x.shape
+    return x.view(b, n, heads, d // heads).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """(B, H, N, Dh) -> (B, N, H * Dh)."""
+    b, h, n, dh = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * dh)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
+    """Scaled dot-product attention over (B, H, N, Dh) tensors; key_mask (B, Nk) is True for real keys.
+
+    A query whose keys are all masked (e.g. the null text condition, an all-False mask) gets a zero
+    output instead of the NaN that a softmax over nothing gives.
+    """
+    if key_mask is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    key_mask = key_mask.bool()
+    any_key = key_mask.any(dim=-1)  # (B,)
+    # Unmask empty rows so the softmax is finite, then zero their output below.
+    safe = key_mask | ~any_key[:, None]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe[:, None, None, :])  # mask (B, 1, 1, Nk)
+    return out * any_key[:, None, None, None].to(out.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention, self- (context_dim=0) or cross-attention to a (B, L, context_dim) sequence."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int = 0, qk_norm: bool = False):
+        super().__init__()
+        self.heads = heads
+        kv_dim = context_dim or dim
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_kv = nn.Linear(kv_dim, 2 * dim, bias=False)
+        self.q_norm = RMSNorm(dim // heads) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(dim // heads) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, key_mask: Tensor | None = None) -> Tensor:
+        context = x if context is None else context
+        q = split_heads(self.to_q(x), self.heads)
+        k, v = (split_heads(y, self.heads) for y in self.to_kv(context).chunk(2, dim=-1))
+        out = attention(self.q_norm(q), self.k_norm(k), v, key_mask)
+        return self.proj(merge_heads(out))
+
+
+class Mlp(nn.Module):
+    """Transformer feed-forward: Linear -> GELU(tanh) -> Linear, as in DiT and SD3."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+def heads_for(width: int, heads: int | None, head_dim: int | None, where: str) -> int:
+    """Number of heads for a `width`-wide attention: `head_dim` if set, else `heads`; DiffxError if
+    neither divides the width. `where` names the layer for the message."""
+    if head_dim:
+        if width % head_dim:
+            raise DiffxError(
+                f"model.head_dim={head_dim} does not divide the width {width} {where}; "
+                "choose a head_dim that divides every attention width"
+            )
+        return width // head_dim
+    if not heads or width % heads:
+        raise DiffxError(
+            f"model.heads={heads} does not divide the width {width} {where}; "
+            "choose heads that divide it (or set model.head_dim)"
+        )
+    return heads

@@ -1,0 +1,229 @@
+"""UNet denoiser: Ronneberger et al. 2015, as adapted for diffusion by Ho et al. 2020 (DDPM) and
+Dhariwal & Nichol 2021 (ADM: scale-shift norm, class embedding), with the text cross-attention
+transformer blocks of Rombach et al. 2022 (Stable Diffusion)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffx.errors import DiffxError
+from diffx.models.layers import Attention, LabelEmbedder, TimestepEmbedder, conditioning_vector, heads_for
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Zero a layer's parameters so its residual branch starts as the identity (DDPM, ADM)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice; the embedding enters as a per-channel scale and shift of the
+    second norm (ADM's "scale-shift norm", Dhariwal & Nichol 2021, sec. 3)."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * out_ch))
+        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)  # each (B, C, 1, 1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention to the text tokens (only when the model has text),
+    and a feed-forward (Rombach et al. 2022, "BasicTransformerBlock")."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.self_attn = Attention(dim, heads)
+        self.cross = nn.ModuleDict()
+        if context_dim:
+            self.cross["norm"] = nn.LayerNorm(dim)
+            self.cross["attn"] = Attention(dim, heads, context_dim=context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: Tensor, context: Tensor | None, mask: Tensor | None) -> Tensor:
+        x = x + self.self_attn(self.norm1(x))
+        if "attn" in self.cross and context is not None:
+            x = x + self.cross["attn"](self.cross["norm"](x), context, mask)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Feature map -> tokens -> TransformerBlock -> feature map, with a zero-initialised output
+    projection so the block starts as the identity."""
+
+    def __init__(self, ch: int, heads: int, context_dim: int, groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, ch)
+        self.proj_in = nn.Linear(ch, ch)
+        self.block = TransformerBlock(ch, heads, context_dim)
+        self.proj_out = zero_init(nn.Linear(ch, ch))
+
+    def forward(self, x: Tensor, context: Tensor | None, mask: Tensor | None) -> Tensor:
+        b, c, h, w = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
+        tokens = self.proj_out(self.block(self.proj_in(tokens), context, mask))
+        return x + tokens.transpose(1, 2).reshape(b, c, h, w)  # (B, H*W, C) -> (B, C, H, W)
+
+
+class Stage(nn.Module):
+    """One ResBlock, followed by a SpatialTransformer at the attention resolutions."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int, dropout: float,
+                 heads: int | None, context_dim: int):
+        super().__init__()
+        self.res = ResBlock(in_ch, out_ch, emb_dim, groups, dropout)
+        self.attn = SpatialTransformer(out_ch, heads, context_dim, groups) if heads else None
+
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None) -> Tensor:
+        x = self.res(x, emb)
+        return x if self.attn is None else self.attn(x, context, mask)
+
+
+class Downsample(nn.Module):
+    """Halve the resolution with a stride-2 3x3 conv (DDPM)."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Double the resolution: nearest neighbour, then a 3x3 conv (avoids transposed-conv checkerboards)."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """Diffusion UNet with optional class and text conditioning: ``forward(x, t, cond) -> like x``.
+
+    Levels run at image_size, image_size/2, ...; each holds ``num_res_blocks`` Stages, whose outputs
+    are the skip connections that the decoder Stage at the same resolution concatenates. Attention
+    (a SpatialTransformer) runs at the feature-map sizes listed in ``attn_resolutions`` and always in
+    the middle block; sizes not reached at this image size are ignored, so one config serves several
+    data sizes. Labels and pooled text add to the timestep embedding; text tokens enter through
+    cross-attention.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: int,
+        num_classes: int = 0,
+        text_dim: int = 0,
+        pooled_dim: int = 0,
+        channels: int = 32,
+        channel_mult: Sequence[int] = (1, 2, 2),
+        num_res_blocks: int = 1,
+        attn_resolutions: Sequence[int] = (8,),
+        heads: int | None = 4,
+        head_dim: int | None = None,
+        dropout: float = 0.0,
+        norm_groups: int = 8,
+    ):
+        super().__init__()
+        channel_mult, attn_resolutions = tuple(channel_mult), tuple(attn_resolutions)
+        widths = [channels * m for m in channel_mult]
+        _check(image_size, channels, channel_mult, widths, norm_groups)
+        emb_dim = 4 * channels
+        self.time_embed = TimestepEmbedder(emb_dim, freq_dim=channels)
+        self.cond_embed = nn.ModuleDict()
+        if num_classes:
+            self.cond_embed["label"] = LabelEmbedder(num_classes, emb_dim)
+        if pooled_dim:
+            self.cond_embed["pooled"] = nn.Linear(pooled_dim, emb_dim)
+
+        def stage(in_ch: int, out_ch: int, res: int, attn: bool) -> Stage:
+            n_heads = heads_for(out_ch, heads, head_dim, f"(UNet attention at {res}x{res})") if attn else None
+            return Stage(in_ch, out_ch, emb_dim, norm_groups, dropout, n_heads, text_dim)
+
+        self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
+        ch, res, skips = channels, image_size, []
+        for level, width in enumerate(widths):
+            stages = nn.ModuleList()
+            for _ in range(num_res_blocks):
+                stages.append(stage(ch, width, res, res in attn_resolutions))
+                ch = width
+                skips.append(ch)
+            self.down.append(stages)
+            last = level == len(widths) - 1
+            self.downsample.append(nn.Identity() if last else Downsample(ch))
+            res = res if last else res // 2
+
+        self.mid = nn.ModuleList([stage(ch, ch, res, True), stage(ch, ch, res, False)])
+
+        self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
+        for level, width in reversed(list(enumerate(widths))):
+            stages = nn.ModuleList()
+            for _ in range(num_res_blocks):
+                stages.append(stage(ch + skips.pop(), width, res, res in attn_resolutions))
+                ch = width
+            self.up.append(stages)
+            self.upsample.append(Upsample(ch) if level > 0 else nn.Identity())
+            res = res * 2 if level > 0 else res
+
+        self.out = nn.Sequential(
+            nn.GroupNorm(norm_groups, ch), nn.SiLU(), zero_init(nn.Conv2d(ch, in_channels, 3, padding=1))
+        )
+
+    def forward(self, x: Tensor, t: Tensor, cond: dict | None = None) -> Tensor:
+        emb = conditioning_vector(self.cond_embed, cond, self.time_embed(t))  # (B, 4 * channels)
+        context = cond.get("tokens") if cond else None  # (B, L, text_dim)
+        mask = cond.get("mask") if cond else None  # (B, L), True = real token
+
+        h, skips = self.conv_in(x), []
+        for stages, down in zip(self.down, self.downsample):
+            for s in stages:
+                h = s(h, emb, context, mask)
+                skips.append(h)
+            h = down(h)
+        for s in self.mid:
+            h = s(h, emb, context, mask)
+        for stages, up in zip(self.up, self.upsample):
+            for s in stages:
+                h = s(torch.cat([h, skips.pop()], dim=1), emb, context, mask)
+            h = up(h)
+        return self.out(h)
+
+
+def _check(image_size: int, channels: int, channel_mult: tuple, widths: list[int], norm_groups: int) -> None:
+    """Reject shape combinations that would only fail deep inside forward()."""
+    factor = 2 ** (len(channel_mult) - 1)
+    if image_size % factor:
+        raise DiffxError(
+            f"model.channel_mult={list(channel_mult)} has {len(channel_mult)} levels, so image_size "
+            f"(data.size, or the latent size) must be divisible by {factor}, got {image_size}; "
+            "use fewer levels or another data.size"
+        )
+    bad = [w for w in widths if w % norm_groups]
+    if bad:
+        raise DiffxError(
+            f"model.norm_groups={norm_groups} does not divide the widths {bad} "
+            f"(model.channels={channels} x model.channel_mult); choose norm_groups dividing every width"
+        )

@@ -1,0 +1,85 @@
+"""Resume state of a training run: raw weights, EMA, optimizer, warm-up, RNG and data position.
+
+Kept apart from the inference checkpoint (``model.safetensors``). Tensors are safetensors; only the
+optimizer state, which this process wrote itself, goes through ``torch.save`` and is read back with
+``torch.load(weights_only=True)``, which refuses to unpickle code. The folder is written beside the
+old one and swapped in, so an interrupted save leaves the previous state loadable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffx.errors import DiffxError
+
+STATE = "state"
+_OLD = "state.old"
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A fresh seeded permutation each epoch, ``perm(seed, epoch)``, so a resumed run replays the same
+    order; ``skip`` drops the first samples of the next epoch iterated (the ones already trained on)."""
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        skip, self.skip = self.skip, 0
+        return iter(perm[skip:])
+
+    def __len__(self) -> int:
+        return self.n - self.skip
+
+
+def state_exists(run_dir: Path) -> bool:
+    return (run_dir / STATE / "trainer.json").is_file() or (run_dir / _OLD / "trainer.json").is_file()
+
+
+def save_state(run_dir: Path, accelerator, model, ema, optimizer, scheduler, step: int) -> None:
+    tmp = run_dir / f".{STATE}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    raw = accelerator.unwrap_model(model)
+    save_file({k: v.detach().contiguous().cpu() for k, v in raw.state_dict().items()}, str(tmp / "model.safetensors"))
+    save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
+    save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / "trainer.json").write_text(json.dumps({
+        "step": step, "ema_updates": ema.updates, "scheduler": scheduler.state_dict()}))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    current, old = run_dir / STATE, run_dir / _OLD
+    shutil.rmtree(old, ignore_errors=True)
+    if current.exists():
+        os.replace(current, old)
+    os.replace(tmp, current)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_state(run_dir: Path, accelerator, model, ema, optimizer, scheduler) -> int:
+    """Restore everything ``save_state`` wrote; returns the step to continue from."""
+    folder = run_dir / STATE if (run_dir / STATE / "trainer.json").is_file() else run_dir / _OLD
+    try:
+        meta = json.loads((folder / "trainer.json").read_text())
+        accelerator.unwrap_model(model).load_state_dict(load_file(str(folder / "model.safetensors")))
+        ema.model.load_state_dict(load_file(str(folder / "ema.safetensors")))
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+        torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["torch"])
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise DiffxError(f"resume state {folder} is unreadable or does not fit this config "
+                         f"({(str(e).splitlines() or [''])[0]})") from None
+    scheduler.load_state_dict(meta["scheduler"])
+    ema.updates = meta["ema_updates"]
+    return int(meta["step"])

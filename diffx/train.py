@@ -1,0 +1,122 @@
+"""``diffx train``: build the parts from the config, then the training loop, through Accelerate.
+
+Reads top to bottom: data -> parts -> optimizer -> prepare -> loop (loss, backward, clip, step,
+EMA) -> log -> atomic checkpoints and a resume state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from diffx import checkpoint, conditioning
+from diffx.build import DataSpec, build, parts_config
+from diffx.ema import EMA
+from diffx.errors import DiffxError
+from diffx.progress import TrainProgress
+from diffx.resume import EpochSampler, load_state, save_state, state_exists
+
+
+def train(cfg: DictConfig) -> Path:
+    """Train the configured model; returns the run directory holding ``model.safetensors``."""
+    tc = cfg.train
+    run_dir = Path(cfg.run_dir)
+    accelerator = Accelerator(mixed_precision=tc.mixed_precision, cpu=tc.get("cpu", False))
+    set_seed(cfg.seed, device_specific=True)
+
+    # 1. data and the shapes it decides
+    data = instantiate(cfg.data)
+    spec = DataSpec.of(data)
+    if len(data.dataset) < tc.batch_size:
+        raise DiffxError(f"train.batch_size={tc.batch_size} is larger than the dataset ({len(data.dataset)} images)")
+    sampler = EpochSampler(len(data.dataset), seed=cfg.seed)
+    loader = torch.utils.data.DataLoader(data.dataset, batch_size=tc.batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=tc.num_workers)
+
+    # 2. parts, optimizer, warm-up
+    parts = build(cfg, spec)
+    model, objective, latent = parts.model, parts.objective, parts.latent
+    ema = EMA(model, tc.ema_decay)
+    optimizer = instantiate(cfg.optimizer, params=model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, tc.warmup)))
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    latent.to(accelerator.device)
+    ema.model.to(accelerator.device)
+
+    step = 0
+    if state_exists(run_dir):
+        step = load_state(run_dir, accelerator, model, ema, optimizer, scheduler)
+        accelerator.print(f"resuming {run_dir} at step {step}")
+    elif run_dir.exists() and any(run_dir.glob("*.safetensors")):
+        raise DiffxError(f"run dir {run_dir} holds a model but no resume state; refusing to overwrite it")
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    parts_cfg = parts_config(cfg)
+    log_path = run_dir / "log.jsonl"
+    batches = _batches(loader, sampler, start=step)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    window_start, window_steps = time.perf_counter(), 0
+
+    # 3. the loop
+    model.train()
+    with TrainProgress(tc.steps, start=step, enabled=accelerator.is_main_process) as progress:
+        while step < tc.steps:
+            batch = next(batches)
+            x0 = latent.encode(batch["x"])
+            cond = conditioning.drop(conditioning.from_batch(batch, spec), tc.cond_drop)
+            loss = objective.loss(model, x0, cond).mean()
+            accelerator.backward(loss)
+            if tc.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema.update(accelerator.unwrap_model(model))
+            loss_sum += loss.detach()
+            step += 1
+            window_steps += 1
+
+            # Host sync only here, every log_every steps: the loss and the NaN check ride on it.
+            if step % tc.log_every == 0 or step == tc.steps:
+                mean_loss = accelerator.reduce(loss_sum, "mean").item() / window_steps
+                if not math.isfinite(mean_loss):
+                    raise DiffxError(f"loss became {mean_loss} between steps {step - window_steps + 1} and {step}; "
+                                     "lower train.lr or set train.grad_clip")
+                now = time.perf_counter()
+                rate = window_steps / (now - window_start)
+                progress.update(step, mean_loss, rate)
+                if accelerator.is_main_process:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps({"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+                                            "it_s": rate, "time": time.time()}) + "\n")
+                loss_sum.zero_()
+                window_start, window_steps = now, 0
+            if step % tc.save_every == 0 or step == tc.steps:
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    checkpoint.save(run_dir / "model.safetensors", ema.state_dict(), parts_cfg, spec, step)
+                    save_state(run_dir, accelerator, model, ema, optimizer, scheduler, step)
+    if accelerator.is_main_process:
+        accelerator.print(f"saved {run_dir / 'model.safetensors'} (step {step})")
+    return run_dir
+
+
+def _batches(loader, sampler: EpochSampler, start: int):
+    """An endless stream of batches that resumes at batch ``start`` of the same shuffled order."""
+    epoch, done = divmod(start, len(loader))
+    while True:
+        # Accelerate re-announces the loader's epoch to the sampler at each pass; keep them in step.
+        loader.set_epoch(epoch) if hasattr(loader, "set_epoch") else sampler.set_epoch(epoch)
+        sampler.skip = done * getattr(loader, "total_batch_size", loader.batch_size)
+        yield from loader
+        epoch, done = epoch + 1, 0
