@@ -11,6 +11,7 @@ Builders (one per `conf/data/*.yaml`):
 - `imagefolder`: a folder of images, class subfolders optional.
 """
 
+import contextlib
 import hashlib
 import io
 import json
@@ -68,9 +69,10 @@ def _hold(ds: datasets.Dataset, size: int, class_names: list[str], on_error: str
     Unreadable images stop with a DiffxError naming the file (on_error="raise") or are dropped
     with one warning that counts them (on_error="skip"). `where` prefixes messages.
     """
-    rows = ds.cast_column("image", datasets.Image(decode=False))  # {"bytes", "path"}: we decode
+    # Undecoded {"bytes", "path"} refs: we decode, to catch errors per file and to fit the size.
+    refs = ds.cast_column("image", datasets.Image(decode=False)).select_columns(["image"]).to_dict()["image"]
     pixels, kept, bad = [], [], []
-    for i, ref in enumerate(rows["image"]):
+    for i, ref in enumerate(refs):
         try:
             with Image.open(io.BytesIO(ref["bytes"]) if ref["bytes"] else ref["path"]) as im:
                 # fit() is a no-op copy when the image already has the target size (shapes).
@@ -78,9 +80,9 @@ def _hold(ds: datasets.Dataset, size: int, class_names: list[str], on_error: str
         # PIL reports a broken file as any of these, depending on the format and where it breaks.
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             if on_error == "raise":
-                raise DiffxError(f"{where}: cannot read image {ref['path']} ({e}); "
+                raise DiffxError(f"{where}: cannot read image {ref['path'] or f'row {i}'} ({e}); "
                                  "expected a valid image file (or set data.on_error=skip)") from e
-            bad.append(ref["path"])
+            bad.append(ref["path"] or f"row {i}")
             continue
         pixels.append(np.asarray(fitted, dtype=np.uint8))
         kept.append(i)
@@ -154,13 +156,26 @@ def _png(pixels: np.ndarray) -> dict:
     return {"bytes": buf.getvalue(), "path": None}
 
 
+@contextlib.contextmanager
+def _quiet():
+    """No datasets progress bar inside diffx's own bar (it would interleave with it)."""
+    was_enabled = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.utils.logging.enable_progress_bar()
+
+
 def _save_atomically(ds: datasets.Dataset, root: Path) -> None:
     """Save next to `root`, then rename: an interrupted or concurrent build never leaves a
     half-written cache that a later call would trust."""
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}-"))
     try:
-        ds.save_to_disk(str(tmp))
+        with _quiet():
+            ds.save_to_disk(str(tmp))
         tmp.rename(root)
     except OSError:
         if not root.exists():  # a concurrent build that won the rename is fine; anything else is not

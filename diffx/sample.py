@@ -70,13 +70,16 @@ def sample(cfg: DictConfig) -> list[Path]:
 
 
 def _labels(label, seeds: list[int], spec) -> list[int] | None:
-    """Class label per image: ``random`` (drawn from the image's seed), one int, or a list cycled."""
+    """Class label per image: ``random`` (drawn from the image's seed), ``all`` (every class in
+    turn), one index or class name, or a list of them cycled."""
     if spec.num_classes == 0:
         if label not in (None, "random"):
             raise DiffxError(f"label={label}: this checkpoint is unconditional (it has no classes)")
         return None
     if label is None or label == "random":
         return [random.Random(s).randrange(spec.num_classes) for s in seeds]
+    if label == "all":
+        label = list(range(spec.num_classes))
     chosen = list(label) if isinstance(label, (list, tuple, ListConfig)) else [label]
     ids = [_label_id(v, spec) for v in chosen]
     return [ids[i % len(ids)] for i in range(len(seeds))]
