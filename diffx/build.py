@@ -1,7 +1,7 @@
 """Config + what the data decides -> the parts of a diffusion model. Shared by train and sample.
 
 The YAML says which classes and their hyperparameters; this code supplies the shapes (channels,
-image size, number of classes) at instantiate time, so no shape is ever written in a config.
+image size, number of classes, text width) at instantiate time, so no shape is ever written in a config.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from dataclasses import asdict, dataclass, field
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-PARTS = ("model", "latent", "objective", "schedule", "data")
+from diffx import conditioning
+
+PARTS = ("model", "latent", "objective", "schedule", "data", "text_encoder")
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class Parts:
     model: object
     objective: object
     latent: object
+    condition: conditioning.Unconditional = field(default_factory=conditioning.Unconditional)
 
 
 def parts_config(cfg: DictConfig) -> dict:
@@ -46,15 +49,22 @@ def parts_config(cfg: DictConfig) -> dict:
 
 
 def build(parts: dict | DictConfig, spec: DataSpec) -> Parts:
-    """Instantiate latent, schedule, objective and model; shapes come from ``spec``."""
+    """Instantiate latent, schedule, objective, condition and model; shapes come from ``spec``.
+
+    With a text encoder the model is text-conditioned (class labels are then not used) and wrapped
+    with the encoder's trainable head; otherwise it takes the data's class labels, if any.
+    """
     parts = OmegaConf.create(parts) if isinstance(parts, dict) else parts
     latent = instantiate(parts.latent)
     schedule = instantiate(parts.schedule)
     objective = instantiate(parts.objective, schedule=schedule)
-    model = instantiate(
+    # `text_encoder=none` composes to an empty mapping; checkpoints older than text have no key.
+    text_encoder = instantiate(parts.text_encoder) if parts.get("text_encoder") else None
+    condition = conditioning.of(text_encoder, spec)
+    net = instantiate(
         parts.model,
         in_channels=latent.channels(spec.channels),
         image_size=spec.image_size // latent.factor,
-        num_classes=spec.num_classes,
+        **condition.model_kwargs,
     )
-    return Parts(model=model, objective=objective, latent=latent)
+    return Parts(model=condition.wrap(net), objective=objective, latent=latent, condition=condition)

@@ -2,15 +2,18 @@
 
 One ``model.safetensors`` rebuilds the model: its metadata holds the model/latent/objective/
 schedule/data configs, the shapes the data decided, the training step and the diffx version.
-Nothing is unpickled, and the stored config is data: every ``_target_`` in it must be one that
-diffx's own config tree names before anything is instantiated.
+A checkpoint may come from the internet, so reading one trusts nothing in it: nothing is unpickled,
+the header and metadata are checked against a schema, the stored config is data (every
+``_target_`` must be one the shipped config tree names at that place, and no interpolation is
+left for OmegaConf to resolve), and the weights must fit the model before any real memory is
+spent on it. Every failure is one DiffxError naming the file.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -19,10 +22,17 @@ from safetensors.torch import save_file
 
 from diffx import __version__
 from diffx.build import DataSpec, Parts, build
-from diffx.config import allowed_targets
+from diffx.config import target_sites
 from diffx.errors import DiffxError
 
 FORMAT = "diffx.model/1"
+REQUIRED_PARTS = ("model", "latent", "objective", "schedule")
+# A stored config may carry these Hydra keys; _args_, _recursive_, _convert_ ... could change what
+# gets called or how, so they are refused.
+_HYDRA_KEYS = {"_target_", "_partial_"}
+# Bounds on what the data decides: a crafted spec must not make sampling allocate terabytes.
+_SPEC_MAX = {"channels": 64, "image_size": 16384, "num_classes": 1_000_000}
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 
 def atomic_write(path: Path, write) -> None:
@@ -34,13 +44,13 @@ def atomic_write(path: Path, write) -> None:
     try:
         write(tmp)
         with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
     finally:
         tmp.unlink(missing_ok=True)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(dir_fd)  # and the rename itself survives a power cut
     finally:
         os.close(dir_fd)
 
@@ -59,6 +69,18 @@ def save(path, weights: dict[str, torch.Tensor], parts: dict, spec: DataSpec, st
 
 
 @dataclass
+class Header:
+    """What a checkpoint says about itself, read without loading a single weight."""
+
+    path: Path
+    parts: dict
+    spec: DataSpec
+    step: int
+    version: str
+    shapes: dict[str, tuple[tuple[int, ...], str]]  # tensor name -> (shape, safetensors dtype)
+
+
+@dataclass
 class Checkpoint:
     parts: dict
     spec: DataSpec
@@ -67,61 +89,173 @@ class Checkpoint:
     weights: dict[str, torch.Tensor]
 
 
-def read(path) -> Checkpoint:
-    """Read and validate a checkpoint; every failure is a DiffxError naming the file."""
+def read_header(path) -> Header:
+    """Open a checkpoint's header and check its metadata and stored config; no weights are read."""
     path = Path(path)
+    where = f"ckpt={path}"
     if not path.is_file():
-        raise DiffxError(f"ckpt={path}: no such file (expected a diffx model.safetensors)")
+        raise DiffxError(f"{where}: no such file (expected a diffx model.safetensors)")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            weights = {k: f.get_tensor(k) for k in f.keys()}
+            shapes = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise DiffxError(f"ckpt={path}: not a readable safetensors file ({_first_line(e)})") from None
-    if meta.get("format") != FORMAT:
-        raise DiffxError(f"ckpt={path}: metadata format {meta.get('format')!r}, expected {FORMAT!r} "
-                         "(is this a diffx checkpoint?)")
+        raise DiffxError(f"{where}: not a valid safetensors file, truncated or corrupted? ({_first_line(e)}); "
+                         "re-download or re-save it") from None
+    parts, spec, step = _parse_metadata(meta, where)
+    check_config(parts, where)
+    return Header(path, parts, spec, step, meta["diffx_version"], shapes)
+
+
+def read(path) -> Checkpoint:
+    """Read and validate a checkpoint and its weights; every failure is a DiffxError naming the file."""
+    header = read_header(path)
+    return Checkpoint(header.parts, header.spec, header.step, header.version, _read_weights(path))
+
+
+def _read_weights(path) -> dict[str, torch.Tensor]:
     try:
-        parts, spec = json.loads(meta["config"]), DataSpec(**_spec_fields(json.loads(meta["spec"])))
-        step = int(meta["step"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise DiffxError(f"ckpt={path}: malformed diffx metadata ({_first_line(e)})") from None
-    check_targets(parts, where=f"ckpt={path}")
-    return Checkpoint(parts, spec, step, meta.get("diffx_version", "?"), weights)
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise DiffxError(f"ckpt={path}: cannot read its weights ({_first_line(e)}); re-download or re-save it") from None
 
 
 def load(path, device=None) -> tuple[Parts, Checkpoint]:
     """Rebuild the parts from a checkpoint alone and load its weights into the model."""
-    ckpt = read(path)
-    parts = build(ckpt.parts, ckpt.spec)
-    result = parts.model.load_state_dict(ckpt.weights, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise DiffxError(f"ckpt={path}: weights do not fit the stored model config "
-                         f"(missing {list(result.missing_keys)[:3]}, unexpected {list(result.unexpected_keys)[:3]})")
+    header = read_header(path)
+    where = f"ckpt={path}"
+    # The stored config decides the model's size: build it on the meta device first (no memory),
+    # so a file whose weights do not match its config is refused before anything is allocated.
+    with torch.device("meta"):
+        skeleton = _build(header, where).model
+    check_weights({k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, header.shapes, where)
+    ckpt = Checkpoint(header.parts, header.spec, header.step, header.version, _read_weights(path))
+    parts = _build(header, where)
+    try:
+        parts.model.load_state_dict(ckpt.weights, strict=True)
+    except RuntimeError as e:
+        raise DiffxError(f"{where}: weights do not fit its stored model config ({_first_line(e)})") from None
     parts.model.to(device).eval().requires_grad_(False)
     return parts, ckpt
 
 
-def _spec_fields(d: dict) -> dict:
-    d = dict(d)
-    d["class_names"] = tuple(d.get("class_names", ()))
-    return d
+def check_weights(expected: dict[str, tuple], found: dict[str, tuple[tuple, str]], where: str) -> None:
+    """Names, shapes and dtypes of the file's tensors against the model built from its config."""
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys())
+    wrong = [f"{k}: {list(found[k][0])} in the file, {list(expected[k])} in the model"
+             for k in sorted(expected.keys() & found.keys()) if tuple(found[k][0]) != tuple(expected[k])]
+    not_float = [f"{k}: {dtype}" for k, (_, dtype) in sorted(found.items()) if dtype not in _FLOAT_DTYPES]
+    problems = [f"{len(v)} {what} (e.g. {', '.join(v[:2])})" for what, v in (
+        ("missing", missing), ("unexpected", unexpected), ("with the wrong shape", wrong),
+        ("not floating point", not_float)) if v]
+    if problems:
+        raise DiffxError(f"{where}: weights do not fit its stored model config: {'; '.join(problems)}; "
+                         "the file is corrupted, edited, or not this model's")
 
 
-def _first_line(e: Exception) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0]
-
-
-def check_targets(node, where: str) -> None:
-    """Refuse any ``_target_`` outside the allow-list, before anything is imported or instantiated."""
-    allowed = allowed_targets()
-    stack = [node]
+def check_config(node, where: str) -> None:
+    """Refuse a stored config that could run code: a ``_target_`` not named at that place by the
+    shipped config tree, a ``_partial_`` that differs from it, other Hydra keys (``_args_``,
+    ``_recursive_`` ...), and any string OmegaConf would resolve (``${oc.env:...}``, a resolver)."""
+    sites = target_sites()
+    stack = [("", node)]
     while stack:
-        item = stack.pop()
+        key, item = stack.pop()
         if isinstance(item, dict):
-            target = item.get("_target_")
-            if target is not None and target not in allowed:
-                raise DiffxError(f"{where}: config names _target_={target!r}, which is not a diffx class; refusing to load")
-            stack.extend(item.values())
+            for k, v in item.items():
+                if k.startswith("_") and k.endswith("_") and k not in _HYDRA_KEYS:
+                    raise DiffxError(f"{where}: stored config has {_join(key, k)}, a Hydra key that checkpoints may "
+                                     "not use; refusing to load")
+                stack.append((_join(key, k), v))
+            if "_target_" in item or "_partial_" in item:
+                _check_target(key, item, sites.get(key, {}), where)
         elif isinstance(item, list):
-            stack.extend(item)
+            stack.extend((f"{key}[]", v) for v in item)
+        elif isinstance(item, str) and ("${" in item or item == "???"):
+            raise DiffxError(f"{where}: stored config {key}={item[:60]!r} is an interpolation or a missing value; "
+                             "checkpoints store resolved values only, refusing to load")
+
+
+def _check_target(key: str, node: dict, allowed: dict[str, bool], where: str) -> None:
+    target = node.get("_target_")
+    if not isinstance(target, str):
+        raise DiffxError(f"{where}: stored config {_join(key, '_target_')} is {type(target).__name__}, "
+                         "not a class name; refusing to load")
+    if target not in allowed:
+        raise DiffxError(f"{where}: stored config names {_join(key, '_target_')}={target!r}, which is not a diffx "
+                         f"class for {key or 'the top level'} (allowed: {', '.join(sorted(allowed)) or 'none'}); "
+                         "refusing to load")
+    if node.get("_partial_", False) is not allowed[target]:
+        raise DiffxError(f"{where}: stored config {_join(key, '_partial_')}={node.get('_partial_')!r} differs from "
+                         f"diffx's own config for {target}; refusing to load")
+
+
+def _build(header: Header, where: str) -> Parts:
+    """``build()`` with every failure of the stored config turned into one line naming the file."""
+    from hydra.errors import InstantiationException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return build(header.parts, header.spec)
+    except DiffxError as e:
+        raise DiffxError(f"{where}: its stored config does not build: {e}") from None
+    except (InstantiationException, OmegaConfBaseException, TypeError, ValueError, RecursionError) as e:
+        cause = e.__cause__ if isinstance(e.__cause__, DiffxError) else e
+        raise DiffxError(f"{where}: its stored config does not build ({_first_line(cause)})") from None
+
+
+def _parse_metadata(meta: dict, where: str) -> tuple[dict, DataSpec, int]:
+    """The diffx metadata schema: format and version, required keys, JSON types and bounds."""
+    fmt = meta.get("format")
+    if fmt != FORMAT:
+        if isinstance(fmt, str) and fmt.startswith("diffx.model/"):
+            raise DiffxError(f"{where}: written in checkpoint format {fmt!r}, but diffx {__version__} reads "
+                             f"{FORMAT!r}; use a diffx version that matches the file")
+        raise DiffxError(f"{where}: metadata format is {fmt!r}, expected {FORMAT!r} (is this a diffx checkpoint?)")
+    missing = [k for k in ("diffx_version", "step", "config", "spec") if k not in meta]
+    _expect(not missing, where, f"metadata lacks {missing}")
+    try:
+        parts, spec_d = json.loads(meta["config"]), json.loads(meta["spec"])
+        step = int(meta["step"])
+    except (ValueError, RecursionError) as e:
+        raise DiffxError(f"{where}: malformed diffx metadata ({_first_line(e)}); the file is corrupted") from None
+    _expect(step >= 0, where, f"metadata step={step} is negative")
+    _expect(isinstance(parts, dict), where, "metadata config is not a JSON object")
+    bad = [k for k in REQUIRED_PARTS if not isinstance(parts.get(k), dict)]
+    _expect(not bad, where, f"metadata config lacks the {bad} section(s)")
+    _expect(isinstance(spec_d, dict), where, "metadata spec is not a JSON object")
+    spec = _parse_spec(spec_d, where)
+    return parts, spec, step
+
+
+def _parse_spec(d: dict, where: str) -> DataSpec:
+    names = d.get("class_names", [])
+    _expect(isinstance(names, list) and all(isinstance(n, str) for n in names), where,
+            "metadata spec.class_names is not a list of strings")
+    try:
+        spec = DataSpec(**{**d, "class_names": tuple(names)})
+    except TypeError as e:
+        raise DiffxError(f"{where}: metadata spec has the wrong keys ({_first_line(e)})") from None
+    for k, v in asdict(spec).items():
+        if k != "class_names":
+            ok = isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= _SPEC_MAX.get(k, 1_000_000)
+            _expect(ok, where, f"metadata spec.{k}={v!r} is not an integer in 0..{_SPEC_MAX.get(k, 1_000_000)}")
+    _expect(spec.channels >= 1 and spec.image_size >= 1, where, "metadata spec has zero channels or image size")
+    _expect(not names or len(names) == spec.num_classes, where,
+            f"metadata spec has {len(names)} class names for {spec.num_classes} classes")
+    return spec
+
+
+def _expect(ok: bool, where: str, what: str) -> None:
+    if not ok:
+        raise DiffxError(f"{where}: {what}; the file is corrupted or not a diffx checkpoint")
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -132,7 +132,7 @@ class DDPM(Objective):
         self._target, self._invert = _PREDICTIONS[prediction]
         n = getattr(schedule, "num_steps", None)
         self.num_steps = n
-        self.t_range = (1.0 / n if n else 0.0, 1.0)
+        self.t_range = (schedule.t_min, 1.0)
 
     def sample_t(self, n, device=None, generator=None):
         u = super().sample_t(n, device, generator)

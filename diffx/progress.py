@@ -7,7 +7,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 class TrainProgress:
     """``with TrainProgress(total) as p: p.update(step, loss, rate)``; silent when not enabled (e.g. on
-    the non-main processes of a distributed run)."""
+    the non-main processes of a distributed run). Without a terminal (a cluster job's log file) a live
+    bar never shows, so each update prints one plain line instead."""
 
     def __init__(self, total: int, start: int = 0, enabled: bool = True):
         self.enabled = enabled
@@ -17,6 +18,8 @@ class TrainProgress:
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
             disable=not enabled,
         )
+        self.plain = enabled and not self.progress.console.is_terminal
+        self.total = total
         self.task = self.progress.add_task("train", total=total, completed=start, loss="-", rate="-")
 
     def __enter__(self):
@@ -28,3 +31,6 @@ class TrainProgress:
 
     def update(self, step: int, loss: float, rate: float) -> None:
         self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", rate=f"{rate:.2f}")
+        if self.plain:
+            eta = (self.total - step) / rate if rate > 0 else float("nan")
+            self.progress.console.print(f"step {step}/{self.total}  loss {loss:.4f}  {rate:.2f} it/s  eta {eta:.0f}s")

@@ -27,6 +27,8 @@ from diffx.errors import DiffxError
 class Schedule:
     """``alpha(t)``, ``sigma(t)`` and their derivatives; subclasses implement ``_alpha_sigma64``."""
 
+    t_min: float = 0.0  # the smallest t a model is trained at (0 for a continuous path)
+
     def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
         alpha, sigma, _, _ = self._eval(t)
         return alpha, sigma
@@ -75,6 +77,7 @@ class DiscreteVP(Schedule):
     def __init__(self, betas: Tensor):
         self.betas = betas.to(torch.float64)
         self.num_steps = len(betas)
+        self.t_min = 1.0 / self.num_steps  # DDPM trains steps 1..N, never t = 0
         log_abar = torch.cumsum(torch.log1p(-self.betas), 0)
         self.log_abar = torch.cat([torch.zeros(1, dtype=torch.float64), log_abar])  # knots k/N, k=0..N
 

@@ -39,7 +39,10 @@ def train(cfg: DictConfig) -> Path:
         raise DiffxError(f"train.batch_size={tc.batch_size} is larger than the dataset ({len(data.dataset)} images)")
     sampler = EpochSampler(len(data.dataset), seed=cfg.seed)
     loader = torch.utils.data.DataLoader(data.dataset, batch_size=tc.batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=tc.num_workers)
+                                         num_workers=tc.num_workers,
+                                         # its own generator: starting an epoch must not draw from the
+                                         # global RNG, or a resumed run would diverge from a straight one
+                                         generator=torch.Generator().manual_seed(cfg.seed))
 
     # 2. parts, optimizer, warm-up
     parts = build(cfg, spec)
