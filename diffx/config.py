@@ -7,7 +7,6 @@ import re
 import time
 import uuid
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -15,11 +14,13 @@ from omegaconf import OmegaConf
 
 
 def config_dir() -> Path:
-    """``conf/`` beside the package in a source checkout, else the copy installed as ``diffx.conf``."""
-    source = Path(__file__).resolve().parent.parent / "conf"
-    if (source / "train.yaml").is_file():
-        return source
-    return Path(str(resources.files("diffx.conf")))
+    """``conf/`` beside the package in a source checkout, else the copy a wheel installs as ``diffx/conf``
+    (pyproject.toml maps it there)."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package.parent / "conf", package / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"diffx's config tree is missing: neither {package.parent / 'conf'} nor {package / 'conf'}")
 
 
 @lru_cache(maxsize=1)
