@@ -24,13 +24,14 @@ from diffx import __version__
 from diffx.build import DataSpec, Parts, build
 from diffx.config import target_sites
 from diffx.errors import DiffxError
+from diffx.validate import check_params
 
 FORMAT = "diffx.model/1"
 REQUIRED_PARTS = ("model", "latent", "objective", "schedule")
 # A stored config may carry these Hydra keys; _args_, _recursive_, _convert_ ... could change what
 # gets called or how, so they are refused.
 _HYDRA_KEYS = {"_target_", "_partial_"}
-# Bounds on what the data decides: a crafted spec must not make sampling allocate terabytes.
+# Bounds on what the data decides: a crafted spec must not ask sampling for absurd allocations.
 _SPEC_MAX = {"channels": 64, "image_size": 16384, "num_classes": 1_000_000}
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
@@ -104,6 +105,7 @@ def read_header(path) -> Header:
                          "re-download or re-save it") from None
     parts, spec, step = _parse_metadata(meta, where)
     check_config(parts, where)
+    _check_params(parts, where)
     return Header(path, parts, spec, step, meta["diffx_version"], shapes)
 
 
@@ -129,7 +131,8 @@ def load(path, device=None) -> tuple[Parts, Checkpoint]:
     # so a file whose weights do not match its config is refused before anything is allocated.
     with torch.device("meta"):
         skeleton = _build(header, where).model
-    check_weights({k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, header.shapes, where)
+    check_weights({k: (tuple(v.shape), v.is_floating_point()) for k, v in skeleton.state_dict().items()},
+                  header.shapes, where)
     ckpt = Checkpoint(header.parts, header.spec, header.step, header.version, _read_weights(path))
     parts = _build(header, where)
     try:
@@ -140,16 +143,18 @@ def load(path, device=None) -> tuple[Parts, Checkpoint]:
     return parts, ckpt
 
 
-def check_weights(expected: dict[str, tuple], found: dict[str, tuple[tuple, str]], where: str) -> None:
-    """Names, shapes and dtypes of the file's tensors against the model built from its config."""
+def check_weights(expected: dict[str, tuple[tuple, bool]], found: dict[str, tuple[tuple, str]], where: str) -> None:
+    """The file's tensors (name -> shape, safetensors dtype) against the model built from its config
+    (name -> shape, is floating point): the same names, the same shapes, float where the model is."""
     missing = sorted(expected.keys() - found.keys())
     unexpected = sorted(found.keys() - expected.keys())
-    wrong = [f"{k}: {list(found[k][0])} in the file, {list(expected[k])} in the model"
-             for k in sorted(expected.keys() & found.keys()) if tuple(found[k][0]) != tuple(expected[k])]
-    not_float = [f"{k}: {dtype}" for k, (_, dtype) in sorted(found.items()) if dtype not in _FLOAT_DTYPES]
+    common = sorted(expected.keys() & found.keys())
+    wrong = [f"{k}: {list(found[k][0])} in the file, {list(expected[k][0])} in the model"
+             for k in common if tuple(found[k][0]) != tuple(expected[k][0])]
+    dtype = [f"{k}: {found[k][1]}" for k in common if (found[k][1] in _FLOAT_DTYPES) != expected[k][1]]
     problems = [f"{len(v)} {what} (e.g. {', '.join(v[:2])})" for what, v in (
         ("missing", missing), ("unexpected", unexpected), ("with the wrong shape", wrong),
-        ("not floating point", not_float)) if v]
+        ("of the wrong dtype", dtype)) if v]
     if problems:
         raise DiffxError(f"{where}: weights do not fit its stored model config: {'; '.join(problems)}; "
                          "the file is corrupted, edited, or not this model's")
@@ -192,6 +197,20 @@ def _check_target(key: str, node: dict, allowed: dict[str, bool], where: str) ->
                          f"diffx's own config for {target}; refusing to load")
 
 
+def _check_params(parts: dict, where: str) -> None:
+    """Keys the (allowed) targets do not take, or of the wrong type: one line naming the key."""
+    from omegaconf import OmegaConf
+
+    for key, node in parts.items():
+        # `data` is kept for the record and never instantiated from a checkpoint: importing its
+        # builders (and `datasets`) on every load would buy nothing.
+        if isinstance(node, dict) and node and key != "data":
+            try:
+                check_params(OmegaConf.create(node), key)
+            except DiffxError as e:
+                raise DiffxError(f"{where}: its stored config does not fit this diffx: {e}") from None
+
+
 def _build(header: Header, where: str) -> Parts:
     """``build()`` with every failure of the stored config turned into one line naming the file."""
     from hydra.errors import InstantiationException
@@ -203,7 +222,8 @@ def _build(header: Header, where: str) -> Parts:
         raise DiffxError(f"{where}: its stored config does not build: {e}") from None
     except (InstantiationException, OmegaConfBaseException, TypeError, ValueError, RecursionError) as e:
         cause = e.__cause__ if isinstance(e.__cause__, DiffxError) else e
-        raise DiffxError(f"{where}: its stored config does not build ({_first_line(cause)})") from None
+        text = " ".join(line.strip() for line in str(cause).splitlines() if line.strip()) or type(cause).__name__
+        raise DiffxError(f"{where}: its stored config does not build ({text})") from None
 
 
 def _parse_metadata(meta: dict, where: str) -> tuple[dict, DataSpec, int]:

@@ -96,8 +96,16 @@ def run_id() -> str:
 
 
 def run_dir(out: str, resume: str | None) -> str:
-    """The run directory: the one being resumed, else a new unique one under ``out``."""
-    return str(resume) if resume else f"{out}/{_RUN_ID}"
+    """The run directory: the one being resumed, else a new unique one under ``out``.
+
+    ``resume`` must name a run with a resume state; checked here, where Hydra asks for the
+    directory, so that a wrong path fails before Hydra writes its files into it."""
+    if resume:
+        from diffx.resume import check_resumable
+
+        check_resumable(resume)
+        return str(resume)
+    return f"{out}/{_RUN_ID}"
 
 
 def register_resolvers() -> None:

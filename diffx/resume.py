@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from diffx.errors import DiffxError
@@ -46,6 +48,12 @@ def state_exists(run_dir: Path) -> bool:
     return (run_dir / STATE / "trainer.json").is_file() or (run_dir / _OLD / "trainer.json").is_file()
 
 
+def check_resumable(run_dir) -> None:
+    if not state_exists(Path(run_dir)):
+        raise DiffxError(f"resume={run_dir}: no resume state there (expected {Path(run_dir) / STATE}/trainer.json, "
+                         "written by diffx train); pass the directory of an earlier run")
+
+
 def save_state(run_dir: Path, accelerator, model, ema, optimizer, scheduler, step: int) -> None:
     tmp = run_dir / f".{STATE}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -60,12 +68,24 @@ def save_state(run_dir: Path, accelerator, model, ema, optimizer, scheduler, ste
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+    # Swap in with two renames; at every instant `state` or `state.old` holds a complete state.
+    # An `old` left alone by a crash between the renames is the only good copy: it goes only
+    # once `current` exists again.
     current, old = run_dir / STATE, run_dir / _OLD
-    shutil.rmtree(old, ignore_errors=True)
     if current.exists():
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(current, old)
     os.replace(tmp, current)
+    _fsync_dir(run_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_state(run_dir: Path, accelerator, model, ema, optimizer, scheduler) -> int:
@@ -75,11 +95,15 @@ def load_state(run_dir: Path, accelerator, model, ema, optimizer, scheduler) -> 
         meta = json.loads((folder / "trainer.json").read_text())
         accelerator.unwrap_model(model).load_state_dict(load_file(str(folder / "model.safetensors")))
         ema.model.load_state_dict(load_file(str(folder / "ema.safetensors")))
+        # weights_only=True: the safe unpickler, which loads tensors and plain containers and
+        # refuses anything that would import or call code.
         optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
         torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["torch"])
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        scheduler.load_state_dict(meta["scheduler"])
+        ema.updates = int(meta["ema_updates"])
+        step = int(meta["step"])
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError, pickle.UnpicklingError) as e:
         raise DiffxError(f"resume state {folder} is unreadable or does not fit this config "
-                         f"({(str(e).splitlines() or [''])[0]})") from None
-    scheduler.load_state_dict(meta["scheduler"])
-    ema.updates = meta["ema_updates"]
-    return int(meta["step"])
+                         f"({(str(e).strip().splitlines() or [type(e).__name__])[0]}); "
+                         "resume with the run's own config, or start a new run") from None
+    return step

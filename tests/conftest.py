@@ -21,3 +21,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# A seconds-long CPU train: a 2-level UNet 8 channels wide on 8x8 shapes, two steps.
+TINY_TRAIN = ["data.size=8", "data.n=16", "train.batch_size=8", "train.steps=2", "train.warmup=0",
+              "train.log_every=1", "train.save_every=2", "model.channels=8", "model.channel_mult=[1,2]",
+              "model.attn_resolutions=[]"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A real run directory (model.safetensors + resume state) from a 2-step CPU train of a tiny UNet
+    on 8x8 shapes; built once per session. Copy it before changing anything in it."""
+    from hydra import compose, initialize_config_dir
+
+    from diffx.config import config_dir, register_resolvers
+    from diffx.train import train
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+        cfg = compose("train", overrides=TINY_TRAIN + [f"run_dir={root / 'run'}", f"data.cache_dir={root / 'cache'}"])
+    return train(cfg)
