@@ -17,20 +17,19 @@ import math
 import torch
 from torch import Tensor
 
+from diffx.time_sampling import flow_shift
+
 # EDM's range for data in [-1, 1] (Karras et al. 2022, sec. 5): beyond it the denoiser is the data mean
 # (above) or the identity (below), so steps spent there are wasted.
 SIGMA_MAX = 80.0
 SIGMA_MIN = 0.002
 
 
-def flow_shift(t: Tensor, shift: float) -> Tensor:
-    """SD3's resolution shift ``t' = shift t / (1 + (shift - 1) t)`` (Esser et al. 2024, eq. 23)."""
-    return shift * t / (1 + (shift - 1) * t)
-
-
 def uniform(steps: int, schedule=None, t_max: float = 1.0, shift: float = 1.0) -> Tensor:
     """Uniform in t, starting at ``t_max`` ("trailing" spacing, Lin et al. 2024, so that the first step
-    starts from pure noise), optionally shifted (``shift`` > 1 spends more steps at high noise, SD3)."""
+    starts from pure noise), optionally shifted (``shift`` > 1 spends more steps at high noise, SD3).
+    On DDPM's schedules its last step is a coarse jump (from sigma/alpha = 0.34 at 10 steps, linear
+    betas): use ``logsnr`` or ``karras`` there when the final detail matters."""
     ts = torch.linspace(t_max, 0.0, steps + 1, dtype=torch.float64)
     return flow_shift(ts, shift)
 

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from diffx.errors import DiffxError
 from diffx.schedules import Schedule
+from diffx.time_sampling import flow_shift
 
 
 def bcast(v: Tensor, x: Tensor) -> Tensor:
@@ -156,10 +157,18 @@ class DDPM(Objective):
 class Flow(Objective):
     """Flow matching / rectified flow (Lipman et al. 2023; Liu et al. 2022): predict the velocity.
 
-    The target is ``v = d_alpha * x0 + d_sigma * noise`` (``noise - x0`` on the linear path).
+    The target is ``v = d_alpha * x0 + d_sigma * noise`` (``noise - x0`` on the linear path). ``shift`` > 1
+    warps the training t toward noise (SD3, Esser et al. 2024, eq. 23), as for higher resolutions.
     """
 
     family = "flow"
+
+    def __init__(self, schedule, t_sampler, family=None, loss="mse", shift: float = 1.0):
+        super().__init__(schedule, t_sampler, family, loss)
+        self.shift = float(shift)
+
+    def sample_t(self, n, device=None, generator=None):
+        return flow_shift(super().sample_t(n, device, generator), self.shift)
 
     def target(self, x0, noise, t):
         da, ds = (bcast(v, x0) for v in self.schedule.d_alpha_sigma(t))

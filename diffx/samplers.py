@@ -6,8 +6,8 @@ parameterisation and classifier-free guidance (``make_denoiser``), so the sample
 parameterisation-free. ``ts`` is a decreasing 1-D grid from the start time to 0 (see grids.py);
 the model is queried at exactly those continuous times, and the last step lands on t = 0.
 
-Schedule values on the grid are computed once, on the CPU in float64, so the loops hold no
-host-device synchronisation.
+The single-step samplers are here; the multistep ones (DPM-Solver++, UniPC, iPNDM) are in
+multistep.py and re-exported, so ``diffx.samplers.<name>`` names every sampler.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from diffx import conditioning
+from diffx.multistep import dpmpp, dpmpp_3m, dpmpp_sde, ipndm, unipc  # noqa: F401 -- one namespace of samplers
 from diffx.noise import randn
 
 Denoise = Callable[[Tensor, float], tuple[Tensor, Tensor]]
@@ -58,20 +59,6 @@ def make_denoiser(model, objective, cond=None, uncond=None, cfg_scale: float = 1
     return Denoiser(model, objective, cond, uncond, cfg_scale)
 
 
-def _table(schedule, ts: Tensor) -> tuple[list[float], list[float]]:
-    alpha, sigma = schedule.alpha_sigma(ts.to(torch.float64).cpu())
-    return alpha.tolist(), sigma.tolist()
-
-
-def _lambda(alpha: float, sigma: float) -> float:
-    """log(alpha / sigma), +-inf at the ends of the path."""
-    if sigma == 0.0:
-        return math.inf
-    if alpha == 0.0:
-        return -math.inf
-    return math.log(alpha / sigma)
-
-
 @torch.no_grad()
 def ddim(denoise: Denoise, schedule, x: Tensor, ts: Tensor, generator=None, eta: float = 0.0) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12), for any (alpha, sigma) path.
@@ -81,10 +68,10 @@ def ddim(denoise: Denoise, schedule, x: Tensor, ts: Tensor, generator=None, eta:
     deterministic sampler (Euler on the probability-flow ODE in sigma/alpha), eta = 1 is DDPM's
     ancestral sampler (Ho et al. 2020, Alg. 2).
     """
-    alpha, sigma = _table(schedule, ts)
+    ab = schedule.table(ts)
     for i in range(len(ts) - 1):
         x0, noise = denoise(x, ts[i].item())
-        a_t, s_t, a_s, s_s = alpha[i], sigma[i], alpha[i + 1], sigma[i + 1]
+        (a_t, s_t), (a_s, s_s) = ab[i], ab[i + 1]
         c = eta * (s_s / s_t) * math.sqrt(max(s_t**2 - (a_t / a_s) ** 2 * s_s**2, 0.0)) if eta else 0.0
         x = a_s * x0 + math.sqrt(max(s_s**2 - c**2, 0.0)) * noise
         if c > 0:
@@ -92,13 +79,11 @@ def ddim(denoise: Denoise, schedule, x: Tensor, ts: Tensor, generator=None, eta:
     return x
 
 
-@torch.no_grad()
 def ddpm(denoise: Denoise, schedule, x: Tensor, ts: Tensor, generator=None) -> Tensor:
     """Ancestral sampling from the posterior ``q(x_s | x_t, x0_hat)`` (Ho et al. 2020, Alg. 2)."""
     return ddim(denoise, schedule, x, ts, generator, eta=1.0)
 
 
-@torch.no_grad()
 def euler(denoise: Denoise, schedule, x: Tensor, ts: Tensor, generator=None) -> Tensor:
     """Euler on the probability-flow ODE ``dy/ds = noise_hat`` in ``y = x / alpha, s = sigma / alpha``
     (Karras et al. 2022, Alg. 1 without the correction; k-diffusion's ``sample_euler``).
@@ -107,11 +92,7 @@ def euler(denoise: Denoise, schedule, x: Tensor, ts: Tensor, generator=None) -> 
     alpha = 0 (the pure-noise end of the flow path). It coincides with deterministic DDIM, and on
     the rectified-flow path with Euler in t on the velocity.
     """
-    alpha, sigma = _table(schedule, ts)
-    for i in range(len(ts) - 1):
-        x0, noise = denoise(x, ts[i].item())
-        x = alpha[i + 1] * x0 + sigma[i + 1] * noise
-    return x
+    return ddim(denoise, schedule, x, ts, generator, eta=0.0)
 
 
 @torch.no_grad()
@@ -120,9 +101,9 @@ def heun(denoise: Denoise, schedule, x: Tensor, ts: Tensor, generator=None) -> T
     (Karras et al. 2022, Alg. 1). Two network calls per step, except the last step into t = 0 and a
     step out of alpha = 0 (an infinite step in s), which take the Euler step as Alg. 1 does.
     """
-    alpha, sigma = _table(schedule, ts)
+    ab = schedule.table(ts)
     for i in range(len(ts) - 1):
-        a_t, s_t, a_s, s_s = alpha[i], sigma[i], alpha[i + 1], sigma[i + 1]
+        (a_t, s_t), (a_s, s_s) = ab[i], ab[i + 1]
         x0, noise = denoise(x, ts[i].item())
         x_next = a_s * x0 + s_s * noise
         if s_s > 0 and a_t > 0:
@@ -130,29 +111,4 @@ def heun(denoise: Denoise, schedule, x: Tensor, ts: Tensor, generator=None) -> T
             # trapezoid in s: y_s = y_t + (s_s - s_t) (eps_t + eps_s) / 2, times alpha_s
             x_next = x_next + (s_s - a_s * s_t / a_t) * (noise_next - noise) / 2
         x = x_next
-    return x
-
-
-@torch.no_grad()
-def dpmpp(denoise: Denoise, schedule, x: Tensor, ts: Tensor, generator=None) -> Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): multistep, data prediction, in lambda = log(alpha/sigma).
-
-    The first step and the final step into sigma = 0 are first order (the DDIM step), as diffusers
-    does with ``final_sigmas_type="zero"``.
-    """
-    alpha, sigma = _table(schedule, ts)
-    x0_prev, h_prev = None, None
-    for i in range(len(ts) - 1):
-        a_s, s_t, s_s = alpha[i + 1], sigma[i], sigma[i + 1]
-        x0, _ = denoise(x, ts[i].item())
-        if s_s == 0.0:
-            x = a_s * x0
-            break
-        h = _lambda(a_s, s_s) - _lambda(alpha[i], s_t)
-        d = x0
-        if x0_prev is not None and math.isfinite(h_prev):
-            r = h_prev / h
-            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-        x = (s_s / s_t) * x - a_s * math.expm1(-h) * d
-        x0_prev, h_prev = x0, h
     return x

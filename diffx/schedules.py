@@ -52,6 +52,12 @@ class Schedule:
             lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
         return (lo + hi) / 2
 
+    def table(self, ts: Tensor) -> list[tuple[float, float]]:
+        """``[(alpha, sigma)]`` on a sampling grid as Python floats, computed once on the CPU in float64,
+        so that sampling loops never synchronise with the device."""
+        alpha, sigma = self._eval(torch.as_tensor(ts).to(torch.float64).cpu(), keep64=True)[:2]
+        return list(zip(alpha.tolist(), sigma.tolist()))
+
     def _eval(self, t: Tensor, keep64: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         t = torch.as_tensor(t)
         out = self._alpha_sigma64(t.to(torch.float64))

@@ -1,6 +1,7 @@
 """Training-time distributions over t in (0, 1): which noise levels the loss sees most often.
 
 Each is a function ``(n, device, generator) -> u`` with ``u`` of shape (n,), float32, strictly in (0, 1).
+``flow_shift`` warps t toward noise, for training (``objective.shift``) and sampling (``grid.shift``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,12 @@ import torch
 from torch import Tensor
 
 _EPS = 1e-5  # keep u off the end points, where some parameterisations are singular
+
+
+def flow_shift(t: Tensor, shift: float) -> Tensor:
+    """SD3's resolution shift ``t' = shift t / (1 + (shift - 1) t)`` (Esser et al. 2024, eq. 23): the same
+    signal-to-noise ratio that t had at a resolution ``shift^2`` times fewer pixels."""
+    return shift * t / (1 + (shift - 1) * t)
 
 
 def uniform(n: int, device=None, generator=None) -> Tensor:
@@ -34,7 +41,8 @@ def mode(n: int, device=None, generator=None, s: float = 1.29) -> Tensor:
 
 def gaussian(n: int, device=None, generator=None, loc: float = 0.5, scale: float = 0.25) -> Tensor:
     """``u ~ N(loc, scale)`` truncated to (0, 1), sampled exactly by the inverse CDF."""
-    normal = torch.distributions.Normal(torch.tensor(loc, dtype=torch.float64), torch.tensor(scale, dtype=torch.float64))
+    f64 = dict(dtype=torch.float64)
+    normal = torch.distributions.Normal(torch.tensor(loc, **f64), torch.tensor(scale, **f64))
     lo, hi = normal.cdf(torch.tensor(0.0, dtype=torch.float64)), normal.cdf(torch.tensor(1.0, dtype=torch.float64))
     p = lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
     return normal.icdf(p).to(device=device, dtype=torch.float32).clamp(_EPS, 1 - _EPS)

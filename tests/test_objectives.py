@@ -82,3 +82,82 @@ def test_bad_prediction_is_a_clear_error():
 
     with pytest.raises(DiffxError, match="objective.prediction"):
         make_objective("ddpm", "linear", prediction="score")
+
+
+# ------------------------------------------------------------------------------------ time sampling
+from diffx import time_sampling  # noqa: E402
+
+
+@pytest.mark.parametrize("name", ["uniform", "logit_normal", "mode", "gaussian"])
+def test_t_samplers_stay_inside_the_path(name):
+    u = getattr(time_sampling, name)(20000, generator=torch.Generator().manual_seed(0))
+    assert u.shape == (20000,) and u.dtype == torch.float32
+    assert u.min() > 0 and u.max() < 1
+
+
+def test_t_sampler_shapes():
+    g = torch.Generator().manual_seed(0)
+    assert time_sampling.uniform(20000, generator=g).mean().item() == pytest.approx(0.5, abs=0.01)
+    # logit-normal: symmetric about loc, concentrated in the middle (SD3 eq. 19)
+    ln = time_sampling.logit_normal(20000, generator=g, loc=0.0, scale=1.0)
+    assert ln.median().item() == pytest.approx(0.5, abs=0.01)
+    assert ((ln > 0.25) & (ln < 0.75)).float().mean() > 0.65
+    assert time_sampling.logit_normal(20000, generator=g, loc=1.0).median().item() == pytest.approx(
+        torch.sigmoid(torch.tensor(1.0)).item(), abs=0.01)
+    # mode with s = 0 is uniform; s > 0 moves mass to the middle (SD3 eq. 20)
+    flat = time_sampling.mode(20000, generator=g, s=0.0)
+    assert ((flat > 0.4) & (flat < 0.6)).float().mean().item() == pytest.approx(0.2, abs=0.015)
+    peaked = time_sampling.mode(20000, generator=g, s=1.29)
+    assert ((peaked > 0.4) & (peaked < 0.6)).float().mean() > 0.25
+    # truncated Gaussian: centred on loc with the requested spread
+    gs = time_sampling.gaussian(20000, generator=g, loc=0.5, scale=0.1)
+    assert gs.mean().item() == pytest.approx(0.5, abs=0.01) and gs.std().item() == pytest.approx(0.1, rel=0.05)
+
+
+def test_ddpm_gaussian_t_emphasises_the_middle_steps():
+    from diffx.objectives import DDPM
+    from diffx.schedules import ddpm_cosine
+
+    obj = DDPM(ddpm_cosine(), lambda n, device=None, generator=None: time_sampling.gaussian(
+        n, device, generator, loc=0.5, scale=0.1))
+    k = obj.sample_t(20000) * 1000
+    torch.testing.assert_close(k, k.round())
+    assert ((k > 300) & (k <= 700)).float().mean() > 0.9
+
+
+def test_flow_shift_moves_training_t_toward_noise():
+    from diffx.objectives import Flow
+    from diffx.schedules import FlowLinear
+
+    plain = Flow(FlowLinear(), time_sampling.uniform).sample_t(20000, generator=torch.Generator().manual_seed(0))
+    obj = Flow(FlowLinear(), time_sampling.uniform, shift=3.0)
+    shifted = obj.sample_t(20000, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(shifted, time_sampling.flow_shift(plain, 3.0))
+    assert shifted.mean() > plain.mean() + 0.1
+    # the SNR at shifted t is the SNR at t divided by shift^2 (SD3 eq. 23 on the rectified-flow path)
+    t = torch.linspace(0.01, 0.99, 99, dtype=torch.float64)
+    snr = lambda t: ((1 - t) / t) ** 2  # noqa: E731
+    torch.testing.assert_close(snr(time_sampling.flow_shift(t, 3.0)), snr(t) / 9)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_min_snr_is_the_same_x0_space_weight_for_every_prediction(prediction):
+    """w(t) * |pred error|^2 equals min(SNR, gamma) * |x0 error|^2 whatever the prediction (Hang et al. 2023)."""
+    obj = make_objective("ddpm", "cosine", prediction=prediction, weighting="min_snr", min_snr_gamma=5.0)
+    t = torch.tensor([0.05, 0.3, 0.6, 0.95], dtype=torch.float64)
+    x0, noise = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    a, s = obj.schedule.alpha_sigma(t)
+    xt = a[:, None] * x0 + s[:, None] * noise
+    x0_hat = x0 + 0.1  # any error in x0, and the matching prediction
+    pred = obj.target(x0_hat, (xt - a[:, None] * x0_hat) / s[:, None], t)
+    weighted = obj.weight(t) * ((pred - obj.target(x0, noise, t)) ** 2).sum(1)
+    snr = (a / s) ** 2
+    torch.testing.assert_close(weighted, torch.clamp(snr, max=5.0) * ((x0_hat - x0) ** 2).sum(1))
+
+
+@pytest.mark.parametrize("loss", ["mse", "l1"])
+def test_loss_kinds(loss):
+    obj = make_objective("flow", "linear", loss=loss)
+    x0 = torch.randn(8, 1, 2, 2)
+    out = obj.loss(lambda xt, t, c: torch.zeros_like(xt) + 1.0, x0, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (8,) and torch.all(out > 0)

@@ -1,32 +1,37 @@
-"""Samplers on Gaussian data with an exact denoiser: right distribution, right ODE endpoint, CFG."""
+"""Samplers and grids on data with an exact denoiser: right distribution, right ODE endpoint, NFE, CFG."""
+
+import math
 
 import pytest
 import torch
 
-from analytic import GaussianModel
+from analytic import GaussianModel, single_thread  # noqa: F401 -- autouse fixture
 from conftest import make_objective
 from diffx import grids, samplers
 
 SCHEDULES = [(f, s) for f in ("ddpm", "flow") for s in ("linear", "cosine")]
-DETERMINISTIC = ["ddim", "euler", "heun", "dpmpp"]
+DETERMINISTIC = ["ddim", "euler", "heun", "dpmpp", "dpmpp_3m", "unipc", "ipndm"]
+STOCHASTIC = ["ddpm", "dpmpp_sde"]
 # Steps that bring each sampler's discretisation error under the tolerances below on this data
-# (narrow data, s = 0.3, is a hard case: first-order error at 50 steps is ~0.1).
-STEPS = {"ddim": 250, "euler": 250, "ddpm": 1000, "heun": 80, "dpmpp": 80}
+# (narrow data, s = 0.3, on the uniform grid is a hard case: first-order error at 50 steps is ~0.1).
+STEPS = {"ddim": 250, "euler": 250, "ddpm": 1000, "heun": 80, "dpmpp": 80, "dpmpp_3m": 60, "unipc": 60,
+         "ipndm": 80, "dpmpp_sde": 250}
+GRIDS = {"uniform": grids.uniform, "karras": grids.karras, "logsnr": grids.logsnr,
+         "shift": lambda n, s: grids.uniform(n, s, shift=3.0)}
 
 
-def run(sampler, family, schedule, steps, n=4000, seed=0, **kw):
-    obj = make_objective(family, schedule, **({"prediction": "v"} if family == "ddpm" and kw.pop("v", False) else {}))
+def run(sampler, family, schedule, steps, n=4000, seed=0, grid=grids.uniform, **kw):
+    obj = make_objective(family, schedule)
     model = GaussianModel(obj)
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(n, 1, 2, 2, generator=g, dtype=torch.float64)
     denoise = samplers.make_denoiser(model, obj)
-    ts = grids.uniform(steps)
-    out = getattr(samplers, sampler)(denoise, obj.schedule, z.clone(), ts, generator=g, **kw)
+    out = getattr(samplers, sampler)(denoise, obj.schedule, z.clone(), grid(steps, obj.schedule), generator=g, **kw)
     return out, z, model, denoise
 
 
 @pytest.mark.parametrize("family,schedule", SCHEDULES)
-@pytest.mark.parametrize("sampler", DETERMINISTIC + ["ddpm"])
+@pytest.mark.parametrize("sampler", DETERMINISTIC + STOCHASTIC)
 def test_reaches_the_data_distribution(sampler, family, schedule):
     out, _, model, _ = run(sampler, family, schedule, STEPS[sampler])
     assert abs(out.mean().item() - model.mu) < 0.02
@@ -42,6 +47,22 @@ def test_deterministic_samplers_follow_the_ode(sampler, family, schedule):
 
 
 @pytest.mark.parametrize("family,schedule", SCHEDULES)
+@pytest.mark.parametrize("grid", ["karras", "logsnr"])
+def test_grids_ending_at_sigma_min_have_no_coarse_final_jump(grid, family, schedule):
+    """30 steps of a 3rd-order sampler land on the ODE endpoint: the last step starts at sigma_min."""
+    out, z, model, _ = run("unipc", family, schedule, 30, n=256, grid=GRIDS[grid], order=3)
+    assert (out - model.ode_endpoint(z)).abs().max().item() < 1e-2
+
+
+def test_uniform_grid_final_jump_is_coarse_for_ddpm():
+    """Why karras / logsnr exist: on DDPM's linear schedule, uniform t leaves a jump from sigma ~ 0.1 to 0."""
+    errs = [(out - model.ode_endpoint(z)).abs().max().item()
+            for out, z, model, _ in [run("unipc", "ddpm", "linear", 30, n=256, grid=g, order=3)
+                                     for g in (grids.uniform, grids.logsnr)]]
+    assert errs[0] > 10 * errs[1]
+
+
+@pytest.mark.parametrize("family,schedule", SCHEDULES)
 def test_ddim_with_eta_reaches_the_data_distribution(family, schedule):
     out, _, model, _ = run("ddim", family, schedule, 250, eta=0.5)
     assert abs(out.mean().item() - model.mu) < 0.02
@@ -54,28 +75,75 @@ def test_first_order_dpmpp_step_equals_ddim_step(family, schedule):
     model = GaussianModel(obj, mu=0.1, s=0.7)
     x = torch.randn(16, 1, 3, 3, dtype=torch.float64)
     ts = torch.tensor([0.8, 0.55], dtype=torch.float64)  # one step, which DPM-Solver++ takes at first order
-    a = samplers.dpmpp(samplers.make_denoiser(model, obj), obj.schedule, x.clone(), ts)
-    b = samplers.ddim(samplers.make_denoiser(model, obj), obj.schedule, x.clone(), ts)
-    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for name in ["dpmpp", "dpmpp_3m", "unipc", "ipndm", "euler"]:
+        a = getattr(samplers, name)(samplers.make_denoiser(model, obj), obj.schedule, x.clone(), ts)
+        b = samplers.ddim(samplers.make_denoiser(model, obj), obj.schedule, x.clone(), ts)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("sampler,nfe", [("ddim", 10), ("euler", 10), ("dpmpp", 10), ("heun", 19), ("ddpm", 10)])
+@pytest.mark.parametrize("family,schedule", SCHEDULES)
+def test_sde_without_noise_is_the_ode(family, schedule):
+    out_sde, *_ = run("dpmpp_sde", family, schedule, 12, n=32, eta=0.0)
+    out_ode, *_ = run("dpmpp", family, schedule, 12, n=32)
+    torch.testing.assert_close(out_sde, out_ode, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("sampler,nfe", [(s, 10) for s in DETERMINISTIC + STOCHASTIC if s != "heun"] + [("heun", 19)])
 def test_nfe_is_counted(sampler, nfe):
     _, _, _, denoise = run(sampler, "ddpm", "cosine", 10, n=4)
     assert denoise.nfe == nfe
 
 
-def test_last_step_lands_on_clean_data():
-    """The final step goes to t = 0 and returns x0_hat exactly, without a coarse jump."""
+@pytest.mark.parametrize("sampler", DETERMINISTIC[:-1])  # ipndm extrapolates noise_hat to sigma = 0 instead
+def test_last_step_lands_on_clean_data(sampler):
+    """The final step goes to t = 0 and returns x0_hat at the last grid point exactly."""
     obj = make_objective("ddpm", "linear")
     model = GaussianModel(obj)
     x = torch.randn(8, 1, 2, 2, dtype=torch.float64)
     ts = torch.tensor([0.3, 0.0], dtype=torch.float64)
-    for name in DETERMINISTIC:
-        out = getattr(samplers, name)(samplers.make_denoiser(model, obj), obj.schedule, x.clone(), ts)
-        torch.testing.assert_close(out, model.posterior(x, torch.full((8,), 0.3, dtype=torch.float64))[0])
+    out = getattr(samplers, sampler)(samplers.make_denoiser(model, obj), obj.schedule, x.clone(), ts)
+    torch.testing.assert_close(out, model.posterior_at(x, torch.full((8,), 0.3, dtype=torch.float64))[0])
 
 
+# ---------------------------------------------------------------------------------------------- grids
+@pytest.mark.parametrize("family,schedule", SCHEDULES)
+@pytest.mark.parametrize("grid", list(GRIDS))
+@pytest.mark.parametrize("steps", [1, 2, 10, 37])
+def test_grids_run_from_pure_noise_to_data(grid, family, schedule, steps):
+    ts = GRIDS[grid](steps, make_objective(family, schedule).schedule)
+    assert ts.dtype == torch.float64 and ts.shape == (steps + 1,)
+    assert ts[0] == 1.0 and ts[-1] == 0.0
+    assert torch.all(ts[1:] < ts[:-1])
+
+
+@pytest.mark.parametrize("family,schedule", SCHEDULES)
+def test_karras_and_logsnr_spacing(family, schedule):
+    """Karras: s^(1/rho) equally spaced; log-SNR: lambda equally spaced; both end at sigma_min, then 0."""
+    sched = make_objective(family, schedule).schedule
+    for grid, warp in [(grids.karras, lambda s: s ** (1 / 7)), (grids.logsnr, torch.log)]:
+        ts = grid(12, sched, sigma_min=0.02, sigma_max=50.0)
+        alpha, sigma = sched.alpha_sigma(ts[1:-1])
+        w = warp(sigma / alpha)
+        steps = w[1:] - w[:-1]
+        torch.testing.assert_close(steps, steps.mean().expand_as(steps), rtol=1e-6, atol=0)
+        assert (sigma / alpha)[-1].item() == pytest.approx(0.02, rel=1e-6)
+
+
+def test_default_sigma_min_is_the_first_trained_step():
+    sched = make_objective("ddpm", "linear").schedule  # DDPM never trains t = 0: stop at its step 1
+    assert grids.logsnr(10, sched)[-2].item() == pytest.approx(1 / 1000, rel=1e-6)
+    sched = make_objective("flow", "linear").schedule
+    ts = grids.karras(10, sched)
+    assert (ts[-2] / (1 - ts[-2])).item() == pytest.approx(grids.SIGMA_MIN, rel=1e-6)
+
+
+def test_shift_spends_steps_at_high_noise():
+    plain, shifted = grids.uniform(10), grids.uniform(10, shift=3.0)
+    assert torch.all(shifted[1:-1] > plain[1:-1])
+    assert shifted[5].item() == pytest.approx(3 * 0.5 / (1 + 2 * 0.5))
+
+
+# ------------------------------------------------------------------------------------------------ CFG
 class _LabelModel(torch.nn.Module):
     """pred = x * (label + 2); label -1 (null) gives pred = x: CFG's effect is checkable in closed form."""
 
@@ -101,3 +169,20 @@ def test_cfg_is_one_batched_forward_and_extrapolates():
     expect = obj.to_x0_noise(pred_u + w * (pred_c - pred_u), x, t)
     torch.testing.assert_close(x0, expect[0])
     torch.testing.assert_close(noise, expect[1])
+
+
+def test_multistep_weights_integrate_polynomials_exactly():
+    """The phi-integral weights reproduce int_0^1 H e^(-H (1 - r)) r^k dr for k < nodes (3+ nodes)."""
+    from diffx.multistep import weights
+
+    for H in (0.05, 0.7, 3.0):
+        v = [0.0, -0.8, -1.9, 1.0]
+        for k in range(4):
+            exact = _quad(lambda r: H * math.exp(-H * (1 - r)) * r**k)
+            assert sum(w * vj**k for w, vj in zip(weights(H, v), v)) == pytest.approx(exact, rel=1e-9, abs=1e-12)
+
+
+def _quad(f, n=2000):
+    """Composite Simpson on [0, 1]."""
+    h = 1 / n
+    return h / 3 * sum((1 if i in (0, n) else 4 if i % 2 else 2) * f(i * h) for i in range(n + 1))

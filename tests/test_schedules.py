@@ -51,7 +51,9 @@ def test_ddpm_tables_match_diffusers_definitions():
     alpha, _ = make("ddpm", "linear").alpha_sigma(t)
     torch.testing.assert_close(alpha**2, abar)
 
-    f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+    def f(u):
+        return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
     betas = torch.tensor([min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)], dtype=torch.float64)
     alpha, _ = make("ddpm", "cosine").alpha_sigma(t)
     torch.testing.assert_close(alpha**2, torch.cumprod(1 - betas, 0))
@@ -74,3 +76,16 @@ def test_unknown_family_is_a_clear_error():
 def test_dtype_follows_t():
     a, s = make("flow", "cosine").alpha_sigma(torch.tensor([0.3], dtype=torch.float32))
     assert a.dtype == torch.float32 and s.dtype == torch.float32
+
+
+@pytest.mark.parametrize("family,name", ALL)
+def test_table_is_alpha_sigma_as_floats(family, name):
+    s = make(family, name)
+    ts = torch.linspace(1, 0, 11, dtype=torch.float64)
+    alpha, sigma = s.alpha_sigma(ts)
+    assert s.table(ts) == list(zip(alpha.tolist(), sigma.tolist()))
+
+
+def test_t_min_is_the_first_trained_step():
+    assert make("ddpm", "linear").t_min == pytest.approx(1e-3)
+    assert make("flow", "linear").t_min == 0.0
