@@ -8,20 +8,9 @@ ODE keeps ``(x_t - alpha mu) / sqrt(alpha^2 s^2 + sigma^2)`` constant: its solut
 ``two_point_mixture``: ``x0 ~ (N(-m, c^2) + N(m, c^2)) / 2`` per element, a non-linear denoiser.
 """
 
-import pytest
 import torch
 
 from diffx.objectives import bcast
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Import into a test module to run it on one intra-op thread: these tensors are tiny, and extra
-    threads only add overhead, which turns into minutes of spinning when the CPUs are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def gaussian(xt, alpha, sigma, mu=0.5, s=0.3):

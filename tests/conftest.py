@@ -14,6 +14,16 @@ def make_objective(family: str, schedule: str, **kwargs):
     return FAMILIES[family](sched, time_sampling.uniform, **kwargs)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def single_thread():
+    """One intra-op thread for the whole suite: the test tensors are tiny, so extra threads only add
+    overhead, which turns into minutes of spinning when the CPUs are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

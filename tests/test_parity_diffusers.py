@@ -10,7 +10,7 @@ uniform grid is diffusers' "trailing" spacing.
 import pytest
 import torch
 
-from analytic import AnalyticModel, single_thread, two_point_mixture  # noqa: F401 -- autouse fixture
+from analytic import AnalyticModel, two_point_mixture
 from conftest import make_objective
 from diffx import grids, samplers
 

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from analytic import GaussianModel, single_thread  # noqa: F401 -- autouse fixture
+from analytic import GaussianModel
 from conftest import make_objective
 from diffx import grids, samplers
 
