@@ -34,6 +34,24 @@ def _compose(name, overrides):
 
 
 @pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    """Tiny random CLIP and T5 encoders saved locally (no network), for options that need a path."""
+    pytest.importorskip("transformers")
+    import tiny_hf
+
+    return tiny_hf.save_all(tmp_path_factory.mktemp("hf"))
+
+
+# Options with a required (???) key: the overrides that fill it, from the fixtures they need.
+REQUIRED = {
+    ("data", "imagefolder"): lambda f: [f"data.path={f('image_dir')}"],
+    ("text_encoder", "hf"): lambda f: [f"text_encoder.path={f('hf_dirs')['clip']}"],
+    ("text_encoder", "clip_t5"): lambda f: [f"text_encoder.encoders.clip.path={f('hf_dirs')['clip']}",
+                                            f"text_encoder.encoders.t5.path={f('hf_dirs')['t5']}"],
+}
+
+
+@pytest.fixture(scope="module")
 def image_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("images")
     for k, cls in enumerate(["cats", "dogs"]):
@@ -54,7 +72,7 @@ def test_the_tree_has_every_required_group():
 
 @pytest.mark.parametrize("group,option", [o for o in OPTIONS if o[0] not in OVERLAY_GROUPS],
                          ids=lambda v: str(v))
-def test_option_composes_and_instantiates(group, option, tmp_path, image_dir):
+def test_option_composes_and_instantiates(group, option, tmp_path, request):
     if group in SAMPLE_GROUPS:
         cfg = _compose("sample", [f"{group}={option}"])
         train_cfg = _compose("train", ["objective=ddpm"])
@@ -62,11 +80,10 @@ def test_option_composes_and_instantiates(group, option, tmp_path, image_dir):
         ts = instantiate(cfg.grid)(8, schedule)
         assert callable(instantiate(cfg.sampler)) and ts[-1] == 0 and len(ts) == 9
         return
-    overrides = [f"{group}={option}"]
-    if group == "data" and option == "imagefolder":
-        overrides += [f"data.path={image_dir}", "data.size=16"]
-    else:
-        overrides += [f"data.n=16", f"data.cache_dir={tmp_path / 'cache'}", "data.size=16"]
+    overrides = [f"{group}={option}", "data.size=16"]
+    overrides += REQUIRED.get((group, option), lambda f: [])(request.getfixturevalue)
+    if not (group == "data" and option == "imagefolder"):
+        overrides += ["data.n=16", f"data.cache_dir={tmp_path / 'cache'}"]
     cfg = _compose("train", overrides)
     data = instantiate(cfg.data)
     spec = DataSpec.of(data)
