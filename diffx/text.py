@@ -49,7 +49,8 @@ class WordTokenizer:
         ids = torch.zeros(len(prompts), self.max_length, dtype=torch.long)
         for i, prompt in enumerate(prompts):
             row = [self.START] + [self.word_id(w) for w in re.findall(r"[a-z0-9]+", prompt.lower())]
-            ids[i, : len(row[: self.max_length])] = torch.tensor(row[: self.max_length])
+            row = row[: self.max_length]  # longer prompts are truncated, as CLIP's tokenizer does at 77
+            ids[i, : len(row)] = torch.tensor(row)
         return {"ids": ids, "mask": ids != self.PAD}
 
 
@@ -127,32 +128,55 @@ POOLS: dict[str, Callable] = {"auto": auto_pool, "mean": mean_pool, "pooler": po
 
 class HF:
     """A frozen Hugging Face text encoder by hub name or local path (``text_encoder=hf``): a CLIP
-    text model, a T5 encoder, a BERT, ... anything ``AutoModelForTextEncoding`` loads.
+    text model, a T5 encoder, a BERT, ... anything ``AutoModelForTextEncoding`` loads, and the text
+    tower of a full CLIP checkpoint.
 
     tokens = the last hidden states, zeroed at padding; pooled by ``POOLS[pool]``. ``subfolder``
     and ``tokenizer_subfolder`` pick the parts of a pipeline repo (e.g. ``text_encoder_3`` and
     ``tokenizer_3`` of SD3's). ``dtype`` is the frozen weights' dtype; features are float32.
+    Only the config is read here; the weights load at the first ``features`` call, so building a
+    model (which a checkpoint load does twice, once on the meta device) costs no encoder load.
     """
 
     def __init__(self, path: str, max_length: int = 77, subfolder: str = "", tokenizer_subfolder: str = "",
                  pool: str = "auto", dtype: str = "float32"):
         # transformers is an optional extra and slow to import: only the encoders that need it pay.
-        from transformers import AutoModelForTextEncoding, AutoTokenizer
+        from transformers import AutoConfig
 
         if pool not in POOLS:
             raise DiffxError(f"text_encoder.pool={pool!r}: expected one of {sorted(POOLS)}")
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path, subfolder=tokenizer_subfolder)
-            model = AutoModelForTextEncoding.from_pretrained(path, subfolder=subfolder)
-        except (OSError, ValueError) as e:
-            raise DiffxError(f"text_encoder.path={path}: cannot load a text encoder and tokenizer "
-                             f"({(str(e).splitlines() or [''])[0]})") from None
-        self.model = model.to(getattr(torch, dtype)).eval().requires_grad_(False)
-        self.max_length, self.pool = max_length, POOLS[pool]
-        self.dim = self.pooled_dim = self.model.config.hidden_size
+        config = _hf_call(path, AutoConfig.from_pretrained, path, subfolder=subfolder)
+        # A full CLIP checkpoint holds a text tower beside the vision one: use only the text tower.
+        self.config = getattr(config, "text_config", None) or config
+        self.path, self.subfolder, self.tokenizer_subfolder = path, subfolder, tokenizer_subfolder
+        self.max_length, self.pool, self.dtype = max_length, POOLS[pool], getattr(torch, dtype)
+        self.dim = self.pooled_dim = self.config.hidden_size
+        self.tokenizer, self.model = None, None
+
+    def load(self) -> None:
+        from transformers import AutoTokenizer
+        from transformers.models.auto.modeling_auto import MODEL_FOR_TEXT_ENCODING_MAPPING
+
+        if type(self.config) not in MODEL_FOR_TEXT_ENCODING_MAPPING:
+            raise DiffxError(f"text_encoder.path={self.path}: a {type(self.config).__name__} is not a text encoder "
+                             "that diffx can load (expected e.g. CLIP text, T5, BERT)")
+        # transformers swaps torch.linspace for a wrapper while it builds a model on the meta device;
+        # if that is the process's first `with torch.device(...)`, torch caches the wrapper as the
+        # factory to redirect, and later meta-device builds (checkpoint.load) get CPU linspaces.
+        # A device-context call first makes torch cache the real one.
+        with torch.device("cpu"):
+            torch.empty(0)
+        self.tokenizer = _hf_call(self.path, AutoTokenizer.from_pretrained, self.path,
+                                  subfolder=self.tokenizer_subfolder)
+        model = _hf_call(self.path, MODEL_FOR_TEXT_ENCODING_MAPPING[type(self.config)].from_pretrained, self.path,
+                         subfolder=self.subfolder)
+        self.model = model.to(self.dtype).eval().requires_grad_(False)
 
     @torch.no_grad()
     def features(self, prompts: list[str], device=None) -> dict[str, Tensor]:
+        if self.model is None:
+            self.load()
+        device = torch.device(device or "cpu")
         self.model.to(device)
         batch = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
                                truncation=True, return_tensors="pt").to(device)
@@ -163,6 +187,14 @@ class HF:
 
     def head(self) -> nn.Module:
         return nn.Identity()
+
+
+def _hf_call(path: str, load: Callable, *args, **kwargs):
+    try:
+        return load(*args, **kwargs)
+    except (OSError, ValueError) as e:
+        raise DiffxError(f"text_encoder.path={path}: cannot load it ({(str(e).splitlines() or [''])[0]}); "
+                         "expected a Hugging Face hub name or a local folder") from None
 
 
 def minilm(max_length: int = 32, pool: str = "mean") -> HF:

@@ -46,7 +46,7 @@ def train(cfg: DictConfig) -> Path:
 
     # 2. parts, optimizer, warm-up
     parts = build(cfg, spec)
-    model, objective, latent = parts.model, parts.objective, parts.latent
+    model, objective, latent, condition = parts.model, parts.objective, parts.latent, parts.condition
     ema = EMA(model, tc.ema_decay)
     optimizer = instantiate(cfg.optimizer, params=model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, tc.warmup)))
@@ -76,7 +76,10 @@ def train(cfg: DictConfig) -> Path:
         while step < tc.steps:
             batch = next(batches)
             x0 = latent.encode(batch["x"])
-            cond = conditioning.drop(conditioning.from_batch(batch, spec), tc.cond_drop)
+            # Labels or captions -> cond; the null one (label -1, empty prompt) replaces it at rate cond_drop.
+            n = batch["x"].shape[0]
+            cond = conditioning.drop(condition(batch, accelerator.device), tc.cond_drop,
+                                     condition.null(n, accelerator.device))
             loss = objective.loss(model, x0, cond).mean()
             accelerator.backward(loss)
             if tc.grad_clip:

@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from diffx.errors import DiffxError
+from diffx.models.conditioned import TextConditioned
 from diffx.models.mmdit import MMDiT
 from diffx.models.unet import UNet
 
@@ -173,3 +174,64 @@ def test_unconditional_model_ignores_conditions_it_was_not_built_for(arch):
     perturb_all(model, gen)
     x, t = torch.randn(B, C, S, S, generator=gen), torch.rand(B, generator=gen)
     torch.testing.assert_close(model(x, t, make_cond("label+text", gen)), model(x, t, None))
+
+
+# --- text encoders of every kind, through the module that holds the encoder's trainable head ---
+
+PROMPTS = ["a small red circle at the top left", "", "a large blue triangle on the right"]
+
+
+@pytest.fixture(scope="module")
+def text_encoders(tmp_path_factory):
+    from tiny_hf import HAS_TRANSFORMERS, encoders, save_all
+
+    return encoders(save_all(tmp_path_factory.mktemp("hf")) if HAS_TRANSFORMERS else None)
+
+
+def _fill_padding(key: str, v: torch.Tensor, features: dict) -> torch.Tensor:
+    """``v`` with 7 at the positions its mask (``mask``, or ``<encoder>/mask`` for Multi) calls padding."""
+    mask = features.get(key[: key.rfind("/") + 1] + "mask")
+    if key.endswith("mask") or mask is None or v.shape[:2] != mask.shape:
+        return v  # the mask itself, and pooled vectors, which have no sequence
+    return v.masked_fill(~mask.view(*mask.shape, *[1] * (v.ndim - 2)), 7)
+
+
+def _text_model(arch: str, encoder) -> TextConditioned:
+    return TextConditioned(TINY[arch](text_dim=encoder.dim, pooled_dim=encoder.pooled_dim), encoder.head())
+
+
+@pytest.mark.parametrize("kind", ["tiny", "clip", "t5", "multi"])
+@pytest.mark.parametrize("arch", ["unet", "mmdit", "mmdit_single"])
+def test_text_shape_contract_with_every_encoder_kind(text_encoders, arch, kind):
+    if kind not in text_encoders:
+        pytest.skip("needs the text extra (transformers)")
+    encoder, gen = text_encoders[kind], torch.Generator().manual_seed(6)
+    model = _text_model(arch, encoder)
+    x = torch.randn(B, C, S, S, generator=gen)
+    features = encoder.features(PROMPTS)  # the empty prompt: the shortest real sequence, the most padding
+    for t in (torch.zeros(B), torch.ones(B)):
+        out = model(x, t, features)
+        assert out.shape == x.shape and torch.all(out == 0)
+    perturb_all(model, gen)
+    # Whatever sits at the padded positions of the features, the output is the same.
+    padded = {k: _fill_padding(k, v, features) for k, v in features.items()}
+    for t in (torch.zeros(B), torch.ones(B)):
+        out = model(x, t, features)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(model(x, t, padded), out)
+    # ... and the prompt does matter.
+    other = encoder.features(PROMPTS[::-1])
+    assert not torch.allclose(model(x, torch.full((B,), 0.5), other)[0], model(x, torch.full((B,), 0.5), features)[0])
+
+
+def test_text_conditioned_trains_the_encoder_head_jointly(text_encoders):
+    encoder, gen = text_encoders["tiny"], torch.Generator().manual_seed(7)
+    model = _text_model("mmdit", encoder)
+    x, t = torch.randn(B, C, S, S, generator=gen), torch.rand(B, generator=gen)
+    features = encoder.features(PROMPTS)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(4):  # adaLN-Zero gates are closed at step 0; a few steps open them
+        opt.zero_grad()
+        (model(x, t, features) - x).square().mean().backward()
+        opt.step()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.text.parameters())

@@ -24,6 +24,20 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     return F.pad(emb, (0, dim % 2))
 
 
+def sincos_1d(dim: int, pos: Tensor) -> Tensor:
+    """Fixed sin-cos embedding of positions (N,) -> (N, dim) (Vaswani et al. 2017)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    angles = pos.double()[:, None] * omega[None]  # (N, dim/2)
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+def sincos_2d(dim: int, grid: int) -> Tensor:
+    """2D sin-cos position embedding of a grid x grid patch grid -> (grid*grid, dim), row-major;
+    half the channels encode the row, half the column (MAE, He et al. 2022; DiT)."""
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    return torch.cat([sincos_1d(dim // 2, rows.flatten()), sincos_1d(dim // 2, cols.flatten())], dim=1).float()
+
+
 class TimestepEmbedder(nn.Module):
     """t -> sinusoidal features -> MLP, as in DiT (Peebles & Xie 2023)."""
 
