@@ -13,6 +13,7 @@ class Identity(nn.Module):
     """Pixel-space diffusion: ``x0`` is the image itself."""
 
     factor = 1  # spatial downsampling
+    x0_range = (-1.0, 1.0)  # where x0 lives: samplers clip x0_hat to it (see samplers.Denoiser)
 
     def channels(self, data_channels: int) -> int:
         return data_channels

@@ -95,7 +95,8 @@ def generate(parts: Parts, spec, sampler, ts, seeds: list[int], inputs: list, ne
         cond = condition.encode(inputs[lo: lo + len(chunk)], device)
         uncond = (condition.null(len(chunk), device) if negatives is None
                   else condition.encode(negatives[lo: lo + len(chunk)], device))
-        denoise = make_denoiser(parts.model, parts.objective, cond, uncond, cfg_scale=cfg_scale)
+        denoise = make_denoiser(parts.model, parts.objective, cond, uncond, cfg_scale=cfg_scale,
+                                x0_range=parts.latent.x0_range)
         x0 = sampler(denoise, parts.objective.schedule, x, ts, generator=gens)
         images.append(to_uint8(parts.latent.decode(x0)))
         nfe = denoise.nfe

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from diffx import conditioning
+from diffx.objectives import bcast
 from diffx.multistep import dpmpp, dpmpp_3m, dpmpp_sde, ipndm, unipc  # noqa: F401 -- one namespace of samplers
 from diffx.noise import randn
 
@@ -31,10 +32,16 @@ class Denoiser:
     With ``cfg_scale != 1`` the conditional and unconditional passes run as one batched forward, and
     the guided output is ``pred_u + w (pred_c - pred_u)``. The objective's inverse is affine, so this
     is the same guidance on x0_hat and noise_hat for every objective. ``nfe`` counts network calls.
+
+    With ``x0_range`` (the data's range, e.g. (-1, 1) in pixel space) x0_hat is clipped to it and
+    noise_hat recomputed to match, as DDPM's ``clip_sample`` does (Ho et al. 2020, official code): where
+    alpha is tiny (the cosine schedule's alpha(1) ~ 5e-5) an eps-prediction's x0_hat is its error
+    amplified 10^4 times, and no sample of the data lies outside its range.
     """
 
-    def __init__(self, model, objective, cond=None, uncond=None, cfg_scale: float = 1.0):
+    def __init__(self, model, objective, cond=None, uncond=None, cfg_scale: float = 1.0, x0_range=None):
         self.model, self.objective, self.cfg_scale = model, objective, float(cfg_scale)
+        self.x0_range = x0_range
         self.cond = cond
         self.guided = cond is not None and self.cfg_scale != 1.0
         self.both = conditioning.cat(cond, uncond if uncond is not None else conditioning.null_like(cond)) \
@@ -51,12 +58,17 @@ class Denoiser:
         else:
             pred_c, pred_u = self.model(torch.cat([x, x]), torch.cat([tb, tb]), self.both).chunk(2)
             pred = pred_u + self.cfg_scale * (pred_c - pred_u)
-        return self.objective.to_x0_noise(pred, x, tb)
+        x0, noise = self.objective.to_x0_noise(pred, x, tb)
+        if self.x0_range is None:
+            return x0, noise
+        x0 = x0.clamp(*self.x0_range)
+        alpha, sigma = (bcast(v, x).to(x.dtype) for v in self.objective.schedule.alpha_sigma(tb))
+        return x0, (x - alpha * x0) / sigma
 
 
-def make_denoiser(model, objective, cond=None, uncond=None, cfg_scale: float = 1.0) -> Denoiser:
-    """The only place classifier-free guidance lives (ARCHITECTURE.md section 2)."""
-    return Denoiser(model, objective, cond, uncond, cfg_scale)
+def make_denoiser(model, objective, cond=None, uncond=None, cfg_scale: float = 1.0, x0_range=None) -> Denoiser:
+    """The only place classifier-free guidance (and x0 clipping) lives (ARCHITECTURE.md section 2)."""
+    return Denoiser(model, objective, cond, uncond, cfg_scale, x0_range)
 
 
 @torch.no_grad()

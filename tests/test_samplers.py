@@ -186,3 +186,28 @@ def _quad(f, n=2000):
     """Composite Simpson on [0, 1]."""
     h = 1 / n
     return h / 3 * sum((1 if i in (0, n) else 4 if i % 2 else 2) * f(i * h) for i in range(n + 1))
+
+
+class _SlightlyWrongEps(torch.nn.Module):
+    """The exact eps of Gaussian data plus a 1e-3 error: what any trained eps-model looks like."""
+
+    def __init__(self, objective):
+        super().__init__()
+        self.exact = GaussianModel(objective, mu=0.0, s=0.3)
+
+    def forward(self, xt, t, cond=None):
+        return self.exact(xt, t) + 1e-3
+
+
+def test_x0_clipping_tames_an_eps_model_at_the_cosine_schedules_noisy_end():
+    """alpha(1) ~ 5e-5 on the cosine DDPM schedule: x0_hat = (x - sigma eps) / alpha turns a 1e-3 eps error
+    into ~20 at the first step; clipping x0_hat to the data range (as DDPM's clip_sample) keeps the sampler on track."""
+    obj = make_objective("ddpm", "cosine")
+    model = _SlightlyWrongEps(obj)
+    z = torch.randn(512, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ts = grids.uniform(10)
+    target = model.exact.ode_endpoint(z)
+    raw = samplers.dpmpp(samplers.make_denoiser(model, obj), obj.schedule, z.clone(), ts)
+    clipped = samplers.dpmpp(samplers.make_denoiser(model, obj, x0_range=(-1.0, 1.0)), obj.schedule, z.clone(), ts)
+    assert (raw - target).abs().max() > 0.5
+    assert (clipped - target).abs().max() < 0.25 and (clipped - target).abs().mean() < 0.06
