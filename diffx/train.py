@@ -67,7 +67,7 @@ def train(cfg: DictConfig) -> Path:
     parts_cfg = parts_config(cfg)
     log_path = run_dir / "log.jsonl"
     batches = _batches(loader, sampler, start=step)
-    loss_sum = torch.zeros((), device=accelerator.device)
+    sums = torch.zeros(2, device=accelerator.device)  # [loss, grad norm] summed over the log window
     window_start, window_steps = time.perf_counter(), 0
 
     # 3. the loop
@@ -82,30 +82,32 @@ def train(cfg: DictConfig) -> Path:
                                      condition.null(n, accelerator.device))
             loss = objective.loss(model, x0, cond).mean()
             accelerator.backward(loss)
-            if tc.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            # The norm is computed either way (max_norm=inf clips nothing): it is logged and NaN-checked.
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             ema.update(accelerator.unwrap_model(model))
-            loss_sum += loss.detach()
+            sums += torch.stack([loss.detach().float(), torch.as_tensor(grad_norm, device=sums.device).float()])
             step += 1
             window_steps += 1
 
-            # Host sync only here, every log_every steps: the loss and the NaN check ride on it.
+            # Host sync only here, every log_every steps: the loss, grad norm and NaN check ride on it.
             if step % tc.log_every == 0 or step == tc.steps:
-                mean_loss = accelerator.reduce(loss_sum, "mean").item() / window_steps
-                if not math.isfinite(mean_loss):
-                    raise DiffxError(f"loss became {mean_loss} between steps {step - window_steps + 1} and {step}; "
-                                     "lower train.lr or set train.grad_clip")
+                mean_loss, mean_grad = (accelerator.reduce(sums, "mean") / window_steps).tolist()
+                for name, value in (("loss", mean_loss), ("gradient norm", mean_grad)):
+                    if not math.isfinite(value):
+                        raise DiffxError(f"{name} became {value} between steps {step - window_steps + 1} and {step}; "
+                                         "lower train.lr or set train.grad_clip")
                 now = time.perf_counter()
                 rate = window_steps / (now - window_start)
                 progress.update(step, mean_loss, rate)
                 if accelerator.is_main_process:
                     with open(log_path, "a") as f:
-                        f.write(json.dumps({"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+                        f.write(json.dumps({"step": step, "loss": mean_loss, "grad_norm": mean_grad,
+                                            "lr": scheduler.get_last_lr()[0],
                                             "it_s": rate, "time": time.time()}) + "\n")
-                loss_sum.zero_()
+                sums.zero_()
                 window_start, window_steps = now, 0
             if step % tc.save_every == 0 or step == tc.steps:
                 accelerator.wait_for_everyone()
