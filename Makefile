@@ -12,8 +12,12 @@ install:  ## install diffx (editable) with the test extras; torch is pinned to t
 	$(PIP) install -q -e ".[dev]"
 
 demo: install  ## train a small class-conditional flow model on the built-in shapes (~10 min on 2 CPU cores), then sample a grid
-	@if [ -e "$(RUN)/model.safetensors" ]; then echo "$(RUN) exists: resuming it (make demo RUN=runs/other for a fresh one)"; fi
-	diffx train +experiment=demo resume=$(RUN)
+	@if [ -e "$(RUN)/state/trainer.json" ]; then \
+		echo "$(RUN) exists: resuming it (make demo RUN=runs/other for a fresh one)"; \
+		diffx train +experiment=demo resume=$(RUN); \
+	else \
+		diffx train +experiment=demo hydra.run.dir=$(RUN); \
+	fi
 	diffx sample ckpt=$(RUN)/model.safetensors label=all n=36 steps=20 cfg=3 overwrite=true
 	@echo "PNGs: $(RUN)/samples  (grid: $$(ls $(RUN)/samples/grid_*.png))"
 
