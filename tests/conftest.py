@@ -39,17 +39,22 @@ TINY_TRAIN = ["data.size=8", "data.n=16", "train.batch_size=8", "train.steps=2",
               "model.attn_resolutions=[]"]
 
 
+def compose_config(name: str, overrides=()):
+    """Compose the real config tree ``conf/<name>.yaml`` with ``overrides``, as the CLI does."""
+    from hydra import compose, initialize_config_dir
+
+    from diffx.config import config_dir, register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+        return compose(name, overrides=list(overrides))
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A real run directory (model.safetensors + resume state) from a 2-step CPU train of a tiny UNet
     on 8x8 shapes; built once per session. Copy it before changing anything in it."""
-    from hydra import compose, initialize_config_dir
-
-    from diffx.config import config_dir, register_resolvers
     from diffx.train import train
 
     root = tmp_path_factory.mktemp("tiny_run")
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
-        cfg = compose("train", overrides=TINY_TRAIN + [f"run_dir={root / 'run'}", f"data.cache_dir={root / 'cache'}"])
-    return train(cfg)
+    return train(compose_config("train", TINY_TRAIN + [f"run_dir={root / 'run'}", f"data.cache_dir={root / 'cache'}"]))

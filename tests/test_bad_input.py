@@ -10,14 +10,12 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import TINY_TRAIN
-from hydra import compose, initialize_config_dir
+from conftest import TINY_TRAIN, compose_config
 from omegaconf import OmegaConf
 from PIL import Image
 
 from diffx import checkpoint, data
 from diffx.build import DataSpec, build, parts_config
-from diffx.config import config_dir, register_resolvers
 from diffx.errors import DiffxError
 from diffx.validate import validate
 
@@ -25,9 +23,7 @@ DIFFX = shutil.which("diffx")
 
 
 def _cfg(command, overrides):
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
-        return compose(command, overrides=overrides)
+    return compose_config(command, overrides)
 
 
 def _train_cfg(tmp_path, tiny_run, *overrides):

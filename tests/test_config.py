@@ -1,15 +1,15 @@
 """Every option of every config group composes and instantiates (a new YAML is tested automatically)."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
+
+from conftest import compose_config
 from hydra.utils import instantiate
 from PIL import Image
 
 from diffx.build import DataSpec, build
-from diffx.config import config_dir, register_resolvers
+from diffx.config import config_dir
 
 CONF = config_dir()
 SAMPLE_GROUPS = {"sampler", "grid"}
@@ -28,9 +28,7 @@ OPTIONS = list(_options())
 
 
 def _compose(name, overrides):
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        return compose(name, overrides=overrides)
+    return compose_config(name, overrides)
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 
+from conftest import compose_config
+
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from diffx import data
 from diffx import shapes as S
-from diffx.config import config_dir, register_resolvers
 from diffx.errors import DiffxError
 from diffx.evaluate import ATTRIBUTES, evaluate, held_out, score
 from diffx.sample import sample
@@ -24,9 +24,7 @@ TINY_TRAIN = ["model=mmdit", "model.width=16", "model.depth=1", "model.heads=2",
 
 
 def _compose(name, overrides):
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
-        return compose(name, overrides=overrides)
+    return compose_config(name, overrides)
 
 
 @pytest.mark.parametrize("size", [16, 32])

@@ -1,19 +1,17 @@
 """GPU paths: the same code on CUDA, mixed precision included. Skipped without CUDA."""
 
 import pytest
+
+from conftest import compose_config
 import torch
-from hydra import compose, initialize_config_dir
 
 from diffx import checkpoint, grids, noise, samplers
-from diffx.config import config_dir, register_resolvers
 
 pytestmark = pytest.mark.gpu
 
 
 def _cfg(overrides):
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
-        return compose("train", overrides=overrides)
+    return compose_config("train", overrides)
 
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])

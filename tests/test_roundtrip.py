@@ -2,18 +2,16 @@
 
 import json
 
+from conftest import compose_config
+
 import torch
-from hydra import compose, initialize_config_dir
 
 from diffx import checkpoint
 from diffx.build import DataSpec, build, parts_config
-from diffx.config import config_dir, register_resolvers
 
 
 def _cfg(overrides):
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
-        return compose("train", overrides=overrides)
+    return compose_config("train", overrides)
 
 
 def test_save_load_round_trip(tmp_path):

@@ -5,14 +5,14 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+
+from conftest import compose_config
 import torch
-from hydra import compose, initialize_config_dir
 
 from diffx import checkpoint, conditioning
 from diffx import shapes as S
 from diffx import text
 from diffx.build import DataSpec, build, parts_config
-from diffx.config import config_dir, register_resolvers
 from diffx.errors import DiffxError
 from tiny_hf import HAS_TRANSFORMERS, encoders, save_all
 
@@ -132,9 +132,7 @@ def test_text_condition_caches_per_prompt_and_null_is_the_empty_prompt():
 
 
 def _cfg(overrides):
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
-        return compose("train", overrides=overrides)
+    return compose_config("train", overrides)
 
 
 def test_build_supplies_text_width_and_checkpoint_round_trips_the_trained_encoder(tmp_path):
