@@ -19,7 +19,7 @@ demo: install  ## train a small class-conditional flow model on the built-in sha
 		diffx train +experiment=demo hydra.run.dir=$(RUN); \
 	fi
 	diffx sample ckpt=$(RUN)/model.safetensors label=all n=36 steps=20 cfg=3 overwrite=true
-	diffx eval ckpt=$(RUN)/model.safetensors cfg=[1,3] captions=64
+	diffx eval ckpt=$(RUN)/model.safetensors cfg=[1,3] captions=64 overwrite=true
 	@echo "PNGs: $(RUN)/samples  (grid: $$(ls $(RUN)/samples/grid_*.png))"
 
 test: install  ## install, then run the default test suite (slow tests excluded)

@@ -45,6 +45,10 @@ def evaluate(cfg: DictConfig) -> dict:
     sampler, ts = instantiate(cfg.sampler), instantiate(cfg.grid)(cfg.steps, parts.objective.schedule)
 
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).parent
+    outputs = [out / "eval.json"] + ([out / f"eval_cfg{s:g}.png" for s in scales] if cfg.save_grid else [])
+    clash = [p for p in outputs if p.exists()]
+    if clash and not cfg.overwrite:
+        raise DiffxError(f"{clash[0]} already exists; choose another out= or pass overwrite=true")
     rows = []
     for scale in scales:
         images, _ = generate(parts, ckpt.spec, sampler, ts, seeds, inputs, None, scale, cfg.batch_size, device)

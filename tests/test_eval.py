@@ -78,6 +78,16 @@ def test_eval_scores_shape_and_colour_of_a_label_checkpoint(runs):
     assert report["attributes"] == ["shape", "color"]
 
 
+def test_eval_refuses_to_overwrite_an_earlier_report_unless_asked(runs):
+    root, _, label_ckpt = runs
+    _eval(label_ckpt, root / "eval_again", "save_grid=false")
+    before = (root / "eval_again" / "eval.json").read_text()
+    with pytest.raises(DiffxError, match="eval.json already exists"):
+        _eval(label_ckpt, root / "eval_again", "save_grid=false")
+    assert (root / "eval_again" / "eval.json").read_text() == before
+    _eval(label_ckpt, root / "eval_again", "save_grid=false", "overwrite=true")
+
+
 def test_sample_draws_one_set_per_prompt_with_the_prompt_in_the_pngs(runs):
     root, text_ckpt, _ = runs
     prompts = root / "prompts.txt"
