@@ -70,6 +70,9 @@ def train(cfg: DictConfig) -> Path:
     sums = torch.zeros(2, device=accelerator.device)  # [loss, grad norm] summed over the log window
     window_start, window_steps = time.perf_counter(), 0
 
+    # Every batch has the same size (drop_last), so the null condition is encoded once, not per step.
+    null = condition.null(tc.batch_size, accelerator.device)
+
     # 3. the loop
     model.train()
     with TrainProgress(tc.steps, start=step, enabled=accelerator.is_main_process) as progress:
@@ -77,9 +80,7 @@ def train(cfg: DictConfig) -> Path:
             batch = next(batches)
             x0 = latent.encode(batch["x"])
             # Labels or captions -> cond; the null one (label -1, empty prompt) replaces it at rate cond_drop.
-            n = batch["x"].shape[0]
-            cond = conditioning.drop(condition(batch, accelerator.device), tc.cond_drop,
-                                     condition.null(n, accelerator.device))
+            cond = conditioning.drop(condition(batch, accelerator.device), tc.cond_drop, null)
             loss = objective.loss(model, x0, cond).mean()
             accelerator.backward(loss)
             # The norm is computed either way (max_norm=inf clips nothing): it is logged and NaN-checked.

@@ -50,6 +50,20 @@ def compose_config(name: str, overrides=()):
         return compose(name, overrides=list(overrides))
 
 
+def saved_random_model(cfg, spec, path, step: int):
+    """Build the parts of ``cfg`` for ``spec``, give every weight random values (so a round trip that
+    loses or misplaces one shows), save them as a checkpoint at ``path``; returns the parts."""
+    from diffx import checkpoint
+    from diffx.build import build, parts_config
+
+    parts = build(cfg, spec)
+    with torch.no_grad():
+        for p in parts.model.parameters():
+            p.normal_()
+    checkpoint.save(path, parts.model.state_dict(), parts_config(cfg), spec, step=step)
+    return parts
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A real run directory (model.safetensors + resume state) from a 2-step CPU train of a tiny UNet

@@ -2,12 +2,12 @@
 
 import json
 
-from conftest import compose_config
+from conftest import compose_config, saved_random_model
 
 import torch
 
 from diffx import checkpoint
-from diffx.build import DataSpec, build, parts_config
+from diffx.build import DataSpec, parts_config
 
 
 def _cfg(overrides):
@@ -18,12 +18,8 @@ def test_save_load_round_trip(tmp_path):
     cfg = _cfg(["model=mmdit", "model.width=32", "model.depth=1", "model.heads=2", "objective=ddpm",
                 "objective.prediction=v", "schedule=linear"])
     spec = DataSpec(channels=3, image_size=8, num_classes=5, class_names=tuple("abcde"))
-    parts = build(cfg, spec)
-    with torch.no_grad():
-        for p in parts.model.parameters():
-            p.normal_()
     path = tmp_path / "model.safetensors"
-    checkpoint.save(path, parts.model.state_dict(), parts_config(cfg), spec, step=7)
+    parts = saved_random_model(cfg, spec, path, step=7)
 
     loaded, ckpt = checkpoint.load(path)
     assert ckpt.step == 7 and ckpt.spec == spec

@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from conftest import compose_config
+from conftest import compose_config, saved_random_model
 import torch
 
 from diffx import checkpoint, conditioning
@@ -139,15 +139,11 @@ def test_build_supplies_text_width_and_checkpoint_round_trips_the_trained_encode
     cfg = _cfg(["model=mmdit", "model.width=32", "model.depth=1", "model.heads=2", "text_encoder=tiny",
                 "text_encoder.width=24", "text_encoder.depth=1", "text_encoder.heads=2"])
     spec = DataSpec(channels=3, image_size=8, num_classes=5, class_names=tuple("abcde"))
-    parts = build(cfg, spec)
+    path = tmp_path / "model.safetensors"
+    parts = saved_random_model(cfg, spec, path, step=3)
     assert isinstance(parts.condition, conditioning.Text)
     assert parts.model.net.context_embed.in_features == 24
     assert "label" not in parts.model.net.cond_embed  # text replaces the class labels
-    with torch.no_grad():
-        for p in parts.model.parameters():
-            p.normal_()
-    path = tmp_path / "model.safetensors"
-    checkpoint.save(path, parts.model.state_dict(), parts_config(cfg), spec, step=3)
     loaded, _ = checkpoint.load(path)
     assert any(k.startswith("text.") for k in loaded.model.state_dict())  # the jointly trained encoder is saved
     x, t = torch.randn(2, 3, 8, 8), torch.rand(2)
