@@ -14,6 +14,7 @@ import sys
 COMMANDS = {
     "train": ("diffx.train", "train", "train a model (Accelerate, EMA, safetensors checkpoints)"),
     "sample": ("diffx.sample", "sample", "sample PNGs and a grid from a checkpoint"),
+    "calibrate": ("diffx.calibrate", "calibrate", "fit a sampler's coefficients and times to a checkpoint"),
     "eval": ("diffx.evaluate", "evaluate", "score prompt adherence of a checkpoint trained on data=shapes"),
 }
 

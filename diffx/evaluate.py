@@ -16,7 +16,6 @@ import random
 from pathlib import Path
 
 import numpy as np
-from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig
 from rich.console import Console
 from rich.table import Table
@@ -26,7 +25,7 @@ from diffx import shapes as shape_rules
 from diffx.checkpoint import atomic_write
 from diffx.errors import DiffxError
 from diffx.images import grid, save_png
-from diffx.sample import generate, resolve_device
+from diffx.sample import generate, resolve_device, sampler_and_grid
 
 ATTRIBUTES = ("shape", "color", "size", "position")
 
@@ -42,7 +41,7 @@ def evaluate(cfg: DictConfig) -> dict:
     attributes, inputs = _requests(parts.condition, targets, ckpt.spec, cfg.ckpt)
     seeds = [cfg.seed + i for i in range(len(targets))]
     scales = [float(s) for s in cfg.cfg] if isinstance(cfg.cfg, (list, ListConfig)) else [float(cfg.cfg)]
-    sampler, ts = instantiate(cfg.sampler), instantiate(cfg.grid)(cfg.steps, parts.objective.schedule)
+    sampler, ts, steps, sampler_name = sampler_and_grid(cfg, parts.objective.schedule)
 
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).parent
     outputs = [out / "eval.json"] + ([out / f"eval_cfg{s:g}.png" for s in scales] if cfg.save_grid else [])
@@ -56,8 +55,8 @@ def evaluate(cfg: DictConfig) -> dict:
         if cfg.save_grid:
             save_png(out / f"eval_cfg{scale:g}.png", grid(images, upscale=max(1, 64 // ckpt.spec.image_size)))
     report = {
-        "ckpt": str(cfg.ckpt), "step": ckpt.step, "sampler": cfg.sampler._target_.rsplit(".", 1)[-1],
-        "steps": cfg.steps, "seed": cfg.seed, "attributes": list(attributes),
+        "ckpt": str(cfg.ckpt), "step": ckpt.step, "sampler": sampler_name,
+        "steps": steps, "seed": cfg.seed, "attributes": list(attributes),
         "prompts": [shape_rules.caption(t) for t in targets], "results": rows,
     }
     path = out / "eval.json"

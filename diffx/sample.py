@@ -23,6 +23,7 @@ from diffx import checkpoint, conditioning, noise
 from diffx.build import Parts
 from diffx.errors import DiffxError
 from diffx.images import grid, save_png, to_uint8
+from diffx.learned import LinearSolver
 from diffx.samplers import make_denoiser
 
 
@@ -45,8 +46,7 @@ def sample(cfg: DictConfig) -> list[Path]:
     device = resolve_device(cfg.device)
     parts, ckpt = checkpoint.load(cfg.ckpt, device)
     spec, schedule = ckpt.spec, parts.objective.schedule
-    if cfg.cfg != 1.0 and type(parts.condition) is conditioning.Unconditional:
-        raise DiffxError(f"cfg={cfg.cfg} needs a conditional model, but {cfg.ckpt} is unconditional; use cfg=1")
+    check_guidance(cfg, parts)
 
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).parent / "samples"
     seeds = [cfg.seed + i for i in range(cfg.n)]
@@ -58,20 +58,46 @@ def sample(cfg: DictConfig) -> list[Path]:
         raise DiffxError(f"{clash[0]} already exists ({len(clash)} of the outputs do); "
                          "choose another out= or seed=, or pass overwrite=true")
 
-    sampler, ts = instantiate(cfg.sampler), instantiate(cfg.grid)(cfg.steps, schedule)
-    sampler_name = cfg.sampler._target_.rsplit(".", 1)[-1]
+    sampler, ts, steps, sampler_name = sampler_and_grid(cfg, schedule)
     for image_set in sets:
         images, nfe = generate(parts, spec, sampler, ts, seeds, image_set.inputs, image_set.negatives,
                                cfg.cfg, cfg.batch_size, device)
         image_set.folder.mkdir(parents=True, exist_ok=True)
         for i, seed in enumerate(seeds):
-            text = {"seed": seed, "sampler": sampler_name, "steps": cfg.steps, "nfe": nfe, "cfg": cfg.cfg,
+            text = {"seed": seed, "sampler": sampler_name, "steps": steps, "nfe": nfe, "cfg": cfg.cfg,
                     "ckpt": str(cfg.ckpt), "step": ckpt.step, **image_set.info[i]}
             save_png(image_set.folder / names[i], images[i], text)
         save_png(image_set.folder / names[-1], grid(images, upscale=max(1, 128 // spec.image_size)))
-        Console().print(f"wrote {cfg.n} images ({sampler_name}, {cfg.steps} steps, {nfe} NFE per batch, "
+        Console().print(f"wrote {cfg.n} images ({sampler_name}, {steps} steps, {nfe} NFE per batch, "
                         f"cfg={cfg.cfg}) to {image_set.folder}\ngrid: {image_set.folder / names[-1]}")
     return files
+
+
+def check_guidance(cfg: DictConfig, parts: Parts) -> None:
+    if cfg.cfg != 1.0 and type(parts.condition) is conditioning.Unconditional:
+        raise DiffxError(f"cfg={cfg.cfg} needs a conditional model, but {cfg.ckpt} is unconditional; use cfg=1")
+
+
+def sampler_and_grid(cfg: DictConfig, schedule) -> tuple:
+    """``(sampler, ts, steps, name)``: a fitted solver (``sampler=learned``) brings its own grid and
+    step count; any other sampler runs ``cfg.steps`` steps of ``cfg.grid``."""
+    sampler = instantiate(cfg.sampler)
+    if isinstance(sampler, LinearSolver):
+        fitted_cfg = sampler.meta.get("cfg")
+        if fitted_cfg is not None and isinstance(cfg.get("cfg"), (int, float)) and float(fitted_cfg) != cfg.cfg:
+            Console().print(f"note: {cfg.sampler.path} was fitted at cfg={fitted_cfg}, sampling at cfg={cfg.cfg}")
+        return sampler, sampler.ts, sampler.steps, f"learned({sampler.meta.get('base', '?')})"
+    return sampler, instantiate(cfg.grid)(cfg.steps, schedule), cfg.steps, cfg.sampler._target_.rsplit(".", 1)[-1]
+
+
+def condition_inputs(cfg: DictConfig, condition, spec, seeds: list[int]) -> list:
+    """One condition input per seed for a fit or a score: the prompts cycled (text), ``label=``
+    (classes) or None (unconditional)."""
+    if isinstance(condition, conditioning.Text):
+        prompts = _required_prompts(cfg)
+        return [prompts[i % len(prompts)] for i in range(len(seeds))]
+    labels = _labels(cfg.label, seeds, spec)
+    return [None] * len(seeds) if labels is None else labels
 
 
 def resolve_device(device: str) -> torch.device:
@@ -107,8 +133,7 @@ def _image_sets(cfg: DictConfig, condition, spec, out: Path, seeds: list[int]) -
     """What to draw: one set per prompt for a text checkpoint, else one set of labels (or none)."""
     n, prompts, negative = len(seeds), _prompts(cfg), cfg.get("negative_prompt") or ""
     if isinstance(condition, conditioning.Text):
-        if not prompts:
-            raise DiffxError(f"{cfg.ckpt} is text-conditioned: pass prompt=\"...\" (or a list, or prompt_file=PATH)")
+        prompts = _required_prompts(cfg)
         return [ImageSet(out / f"{k:02d}-{_slug(p)}", [p] * n, [negative] * n,
                          [{"prompt": p, "negative_prompt": negative}] * n) for k, p in enumerate(prompts)]
     if prompts or negative:
@@ -129,6 +154,13 @@ def _prompts(cfg: DictConfig) -> list[str]:
         if not path.is_file():
             raise DiffxError(f"prompt_file={path}: no such file (expected one prompt per line)")
         prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return prompts
+
+
+def _required_prompts(cfg: DictConfig) -> list[str]:
+    prompts = _prompts(cfg)
+    if not prompts:
+        raise DiffxError(f"{cfg.ckpt} is text-conditioned: pass prompt=\"...\" (or a list, or prompt_file=PATH)")
     return prompts
 
 

@@ -48,11 +48,15 @@ class Denoiser:
             if self.guided else None
         self.nfe = 0
 
-    def __call__(self, x: Tensor, t: float) -> tuple[Tensor, Tensor]:
+    def __call__(self, x: Tensor, t: float | Tensor) -> tuple[Tensor, Tensor]:
+        """``t``: a float, or a 0-dim tensor when a gradient must reach the time (``learned.fit``)."""
         self.nfe += 1
         # t in float32 (float64 only for float64 analysis), whatever autocast does to x
         t_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        tb = torch.full((x.shape[0],), float(t), device=x.device, dtype=t_dtype)
+        if isinstance(t, Tensor):
+            tb = t.to(device=x.device, dtype=t_dtype).expand(x.shape[0])
+        else:
+            tb = torch.full((x.shape[0],), float(t), device=x.device, dtype=t_dtype)
         if not self.guided:
             pred = self.model(x, tb, self.cond)
         else:

@@ -44,12 +44,20 @@ _SAMPLE_NUMBERS = [
     ("batch_size", True, 1, None, True),
     ("cfg", False, 0, None, True),
 ]
+_CALIBRATE_NUMBERS = _SAMPLE_NUMBERS[:2] + _SAMPLE_NUMBERS[3:] + [
+    ("samples", True, 1, None, True),
+    ("holdout", True, 1, None, True),
+    ("iters", True, 0, None, True),
+    ("reference_steps", True, 2, None, True),
+    ("lr", False, 0, None, True),
+    ("t_lr", False, 0, None, True),
+]
 _PATH_KEYS = ("path", "ckpt", "checkpoint")  # keys (or *_path, *_ckpt ...) that must name an existing file
 
 
 def validate(cfg: DictConfig, command: str) -> None:
     """Check ``cfg`` for ``diffx <command>``; raises DiffxError with one line naming the key."""
-    checks = {"train": _check_train, "sample": _check_sample}
+    checks = {"train": _check_train, "sample": _check_sample, "calibrate": _check_calibrate}
     try:
         checks.get(command, _check_other)(cfg)
     except DiffxError:
@@ -90,13 +98,13 @@ def _check_train(cfg: DictConfig) -> None:
     _dry_build(cfg)
 
 
-def _check_sample(cfg: DictConfig) -> None:
+def _check_sample(cfg: DictConfig, numbers=_SAMPLE_NUMBERS) -> None:
     import torch
 
     from diffx import checkpoint
 
     _check_missing(cfg)
-    _check_numbers(cfg, _SAMPLE_NUMBERS)
+    _check_numbers(cfg, numbers)
     if not isinstance(cfg.overwrite, bool):
         raise DiffxError(f"overwrite={cfg.overwrite}: expected true or false")
     if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
@@ -108,6 +116,15 @@ def _check_sample(cfg: DictConfig) -> None:
     # Header and metadata only: a wrong or corrupt file fails before any weight is read. Whether the
     # model is conditional (for cfg) is the condition source's call, made in sample() once it is built.
     checkpoint.read_header(cfg.ckpt)
+
+
+def _check_calibrate(cfg: DictConfig) -> None:
+    if not isinstance(cfg.learn_times, bool):
+        raise DiffxError(f"learn_times={cfg.learn_times}: expected true or false")
+    if cfg.sampler._target_.rsplit(".", 1)[-1] in ("ddpm", "dpmpp_sde", "load_sampler"):
+        raise DiffxError(f"sampler={_choice('sampler') or cfg.sampler._target_}: calibrate starts from a deterministic "
+                         "sampler (ddim, euler, heun, dpmpp, dpmpp_3m, unipc, ipndm)")
+    _check_sample(cfg, _CALIBRATE_NUMBERS)
 
 
 def _check_other(cfg: DictConfig) -> None:

@@ -82,3 +82,30 @@ def test_user_error_is_one_line(tmp_path):
     proc = diffx("sample", "ckpt=does/not/exist.safetensors", cwd=tmp_path, check=False)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr and "does/not/exist.safetensors" in proc.stderr
+
+
+def test_calibrate_then_sample_with_the_fitted_solver(trained):
+    """``diffx calibrate`` writes a solver next to the checkpoint, reports the held-out error before and
+    after, refuses to overwrite it, and ``diffx sample sampler=learned`` runs it at its own NFE."""
+    cwd, run = trained
+    ckpt = run / "model.safetensors"
+    args = ["calibrate", f"ckpt={ckpt}", "steps=4", "samples=16", "holdout=8", "iters=3", "batch_size=8",
+            "reference_steps=8"]
+    proc = diffx(*args, cwd=cwd)
+    solver = run / "solver_unipc_4.safetensors"
+    assert solver.is_file() and "held-out RMS endpoint error" in proc.stdout
+    again = diffx(*args, cwd=cwd, check=False)
+    assert again.returncode == 1 and "already exists" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    proc = diffx("sample", f"ckpt={ckpt}", "sampler=learned", f"sampler.path={solver}", "n=2", "out=learned",
+                 cwd=cwd)
+    assert "learned(unipc), 4 steps, 4 NFE" in proc.stdout
+    with Image.open(cwd / "learned" / "seed000000.png") as im:
+        assert im.text["sampler"] == "learned(unipc)" and im.text["steps"] == "4"
+
+
+@pytest.mark.parametrize("override,expect", [("sampler=ddpm", "deterministic sampler"),
+                                             ("holdout=0", "holdout"), ("learn_times=maybe", "learn_times")])
+def test_calibrate_bad_input_is_one_line(trained, override, expect):
+    cwd, run = trained
+    proc = diffx("calibrate", f"ckpt={run / 'model.safetensors'}", override, cwd=cwd, check=False)
+    assert proc.returncode == 1 and expect in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -72,9 +72,15 @@ def test_the_tree_has_every_required_group():
                          ids=lambda v: str(v))
 def test_option_composes_and_instantiates(group, option, tmp_path, request):
     if group in SAMPLE_GROUPS:
-        cfg = _compose("sample", [f"{group}={option}"])
         train_cfg = _compose("train", ["objective=ddpm"])
         schedule = instantiate(train_cfg.schedule)
+        extra = []
+        if (group, option) == ("sampler", "learned"):  # a solver file, as `diffx calibrate` writes
+            from diffx import grids, learned, samplers
+
+            learned.save(tmp_path / "solver.safetensors", learned.trace(samplers.unipc, schedule, grids.uniform(8, schedule)))
+            extra = [f"sampler.path={tmp_path / 'solver.safetensors'}"]
+        cfg = _compose("sample", [f"{group}={option}", *extra])
         ts = instantiate(cfg.grid)(8, schedule)
         assert callable(instantiate(cfg.sampler)) and ts[-1] == 0 and len(ts) == 9
         return

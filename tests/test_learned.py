@@ -1,0 +1,125 @@
+"""The fitted linear solver (diffx.learned): exact tracing of the classical samplers, a fit that lowers
+the held-out error, safe solver files, and ``diffx calibrate`` -> ``diffx sample sampler=learned``."""
+
+import math
+
+import pytest
+import torch
+from analytic import AnalyticModel, gaussian, two_point_mixture
+from conftest import make_objective
+
+from diffx import grids, learned, samplers
+from diffx.errors import DiffxError
+
+DETERMINISTIC = ["ddim", "euler", "heun", "dpmpp", "dpmpp_3m", "unipc", "ipndm"]
+
+
+def _denoiser(objective, posterior=gaussian, **data):
+    return samplers.make_denoiser(AnalyticModel(objective, posterior, **data).double(), objective)
+
+
+@pytest.mark.parametrize("family,schedule", [("ddpm", "linear"), ("ddpm", "cosine"), ("flow", "linear")])
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_trace_reproduces_every_deterministic_sampler(name, family, schedule):
+    """C read off by running the sampler on basis vectors is the sampler: same output on a non-linear
+    model, to float64 round-off, and as many model calls."""
+    obj = make_objective(family, schedule)
+    sampler, ts = getattr(samplers, name), grids.uniform(7, obj.schedule)
+    solver = learned.trace(sampler, obj.schedule, ts)
+    z = torch.randn(16, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    d1, d2 = _denoiser(obj, two_point_mixture), _denoiser(obj, two_point_mixture)
+    expect, got = sampler(d1, obj.schedule, z.clone(), ts), solver(d2, obj.schedule, z.clone())
+    assert d1.nfe == d2.nfe == solver.steps
+    torch.testing.assert_close(got, expect, rtol=1e-9, atol=1e-9)
+    assert bool((solver.C.triu(1) == 0).all())
+
+
+@pytest.mark.parametrize("name", ["ddpm", "dpmpp_sde"])
+def test_trace_refuses_a_stochastic_sampler(name):
+    obj = make_objective("ddpm", "cosine")
+    with pytest.raises(DiffxError, match="stochastic"):
+        learned.trace(getattr(samplers, name), obj.schedule, grids.uniform(5, obj.schedule))
+
+
+def test_denoiser_takes_a_tensor_time_and_passes_its_gradient():
+    obj = make_objective("flow", "linear")
+    t = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    x0, _ = _denoiser(obj)(x, t)
+    x0.sum().backward()
+    assert t.grad is not None and torch.isfinite(t.grad) and t.grad != 0
+    torch.testing.assert_close(x0.detach(), _denoiser(obj)(x, 0.4)[0])
+
+
+def _pool(n, seed, dim=2):
+    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("family,schedule", [("flow", "linear"), ("ddpm", "cosine")])
+def test_fit_lowers_the_held_out_error_and_keeps_the_times_ordered(family, schedule):
+    """On a mixture (a curved ODE), 4-step UniPC fitted on one noise pool is more accurate on another,
+    against the model's own reference solve, and its times stay a decreasing grid inside (0, 1]."""
+    obj = make_objective(family, schedule)
+    den = _denoiser(obj, two_point_mixture, m=0.6, c=0.1)
+    base = learned.trace(samplers.unipc, obj.schedule, grids.uniform(4, obj.schedule))
+
+    def denoiser_for(idx):
+        return den
+
+    fit_z, held_z = _pool(512, 1), _pool(512, 2)
+    fit_ref, held_ref = (learned.reference(den, obj.schedule, z, steps=100) for z in (fit_z, held_z))
+    fitted = learned.fit(denoiser_for, base, fit_z, fit_ref, iters=150, lr=3e-3, batch=256)
+    before, after = (learned.rms(denoiser_for, s, held_z, held_ref) for s in (base, fitted))
+    assert after < 0.7 * before, (before, after)
+    assert fitted.ts[0] == base.ts[0] and bool((fitted.ts[1:] < fitted.ts[:-1]).all()) and fitted.ts[-1] > 0
+    assert not torch.equal(fitted.ts, base.ts)
+
+
+def test_reference_matches_the_closed_form_ode_endpoint():
+    """Gaussian data: the PF-ODE keeps (x - alpha mu) / sqrt(alpha^2 s^2 + sigma^2) fixed, so from pure
+    noise z at t = 1 (flow: alpha = 0) it ends at mu + s z."""
+    obj = make_objective("flow", "linear")
+    z = _pool(64, 3)
+    got = learned.reference(_denoiser(obj, gaussian, mu=0.5, s=0.3), obj.schedule, z, steps=100)
+    assert (got - (0.5 + 0.3 * z)).abs().max() < 1e-4
+
+
+def test_save_and_load_round_trip(tmp_path):
+    obj = make_objective("ddpm", "linear")
+    solver = learned.trace(samplers.dpmpp_3m, obj.schedule, grids.logsnr(6, obj.schedule))
+    solver.meta = {"base": "dpmpp_3m", "cfg": 3.0}
+    learned.save(tmp_path / "s.safetensors", solver)
+    back = learned.load(tmp_path / "s.safetensors")
+    assert torch.equal(back.ts, solver.ts) and torch.equal(back.C, solver.C) and back.meta == solver.meta
+
+
+def _write(path, tensors, metadata):
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize("case", ["missing", "garbage", "format", "upper", "times", "shape", "nan"])
+def test_bad_solver_files_fail_in_one_line(case, tmp_path):
+    n, good = 3, {"format": learned.FORMAT, "meta": "{}"}
+    ts, C = torch.tensor([1.0, 0.6, 0.3], dtype=torch.float64), torch.tril(torch.ones(n + 1, n + 1, dtype=torch.float64))
+    path = tmp_path / "s.safetensors"
+    if case == "garbage":
+        path.write_bytes(b"\x00" * 7 + b"import os; os.system('touch pwned')")
+    elif case != "missing":
+        tensors, meta = {"ts": ts, "C": C}, dict(good)
+        if case == "format":
+            meta["format"] = "diffx.checkpoint"
+        if case == "upper":
+            tensors["C"] = C + torch.eye(n + 1, dtype=torch.float64).roll(1, 1)
+        if case == "times":
+            tensors["ts"] = torch.tensor([2.0, 0.6, 0.3], dtype=torch.float64)
+        if case == "shape":
+            tensors["C"] = C[:, :n].contiguous()
+        if case == "nan":
+            tensors["C"] = C * math.nan
+        _write(path, tensors, meta)
+    with pytest.raises(DiffxError, match="sampler.path=") as e:
+        learned.load(path)
+    assert "\n" not in str(e.value) and not (tmp_path / "pwned").exists()
