@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 
-from diffx import grids, samplers, schedules
+from diffx import grids, learned, samplers, schedules
 from diffx.objectives import DDPM, Flow
 from diffx.time_sampling import uniform as uniform_t
 
@@ -128,6 +128,21 @@ def run_diffx(case, gmm, z, budget):
                     out[f"diffx {sname} [{gname}]"] = (x, denoise.nfe, None)
                     break
     return out
+
+
+def run_learned(case, gmm, z, budget, args):
+    """``diffx calibrate``'s fit, on this model: UniPC on the uniform grid traced into its linear form,
+    then its coefficients and call times fitted to the model's own reference solves (``learned.reference``,
+    not the DOP853 reference used for scoring) from calibration noise drawn with another seed than ``z``."""
+    den = samplers.make_denoiser(_ExactNet(gmm, case.objective), case.objective)
+    zc = torch.randn(args.calib_samples, z.shape[1], generator=torch.Generator().manual_seed(args.seed + 1000),
+                     dtype=z.dtype)
+    base = learned.trace(samplers.unipc, case.objective.schedule, grids.uniform(budget, case.objective.schedule))
+    target = learned.reference(den, case.objective.schedule, zc)
+    fitted = learned.fit(lambda idx: den, base, zc, target, iters=args.calib_iters, batch=args.calib_batch)
+    den.nfe = 0
+    x = fitted(den, case.objective.schedule, z.clone())
+    return {"diffx learned(unipc) [uniform]": (x, den.nfe, None)}
 
 
 # ------------------------------------------------------------------------------------------ diffusers
@@ -298,6 +313,11 @@ def main(argv=None):
     p.add_argument("--std", type=float, default=0.05, help="component std; the means are uniform in [-0.8, 0.8]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--all", action="store_true", help="every sampler x grid, not only each one's best grid")
+    p.add_argument("--learned-nfe", nargs="*", type=int, default=[5, 10, 20],
+                   help="budgets at which to also fit diffx's learned solver (diffx calibrate); none to skip")
+    p.add_argument("--calib-samples", type=int, default=65536, help="calibration noises for the learned solver")
+    p.add_argument("--calib-iters", type=int, default=1500)
+    p.add_argument("--calib-batch", type=int, default=4096)
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # diffusers' deprecation notes
     torch.set_num_threads(1)  # tiny tensors: threads only add contention
@@ -312,6 +332,8 @@ def main(argv=None):
         case, t0, refs, rows = CASES[cname], time.time(), {}, {}
         for budget in args.nfe:
             runs = {**run_diffx(case, gmm, z, budget), **run_diffusers(case, gmm, z, budget, failures)}
+            if budget in args.learned_nfe:
+                runs.update(run_learned(case, gmm, z, budget, args))
             if K is not None:
                 runs.update(run_kdiffusion(case, gmm, z, budget, K))
             for name, (x, nfe, start) in runs.items():
@@ -325,7 +347,8 @@ def main(argv=None):
         _print_case(cname, rows, args.nfe, time.time() - t0, summary, args.all)
     key = 10 if 10 in args.nfe else args.nfe[0]
     print(f"\n## Summary at {key} NFE (deterministic samplers; ratio < 1: diffx is more accurate)\n")
-    print("| case | best diffx | best diffusers / k-diffusion | RMS ratio | median ratio |\n|---|---|---|---|---|")
+    print("| case | best diffx | best diffusers / k-diffusion | RMS ratio | without fitting: best diffx, ratio | "
+          "median ratio |\n|---|---|---|---|---|---|")
     print("\n".join(summary))
     if failures:
         print("\nSchedulers that raised (skipped), with the NFE budgets:\n")
@@ -343,10 +366,12 @@ def _print_case(cname, rows, budgets, secs, summary, show_all):
     best = {lib: min((r for r in det if r.startswith("diffx") == lib), key=score.get) for lib in (True, False)}
     med = {lib: min((r for r in det if r.startswith("diffx") == lib), key=lambda r: rows[r][key][2])
            for lib in (True, False)}
+    classical = min((r for r in det if r.startswith("diffx") and "learned" not in r), key=score.get)
     rms_ratio = score[best[True]] / score[best[False]]
     med_ratio = rows[med[True]][key][2] / rows[med[False]][key][2]
     summary.append(f"| {cname} | {best[True]} {score[best[True]]:.2e} | {best[False]} {score[best[False]]:.2e} | "
-                   f"{rms_ratio:.2f} | {med_ratio:.2f} ({med[True]} vs {med[False]}) |")
+                   f"**{rms_ratio:.2f}** | {classical} {score[classical]:.2e}, {score[classical] / score[best[False]]:.2f} | "
+                   f"{med_ratio:.2f} ({med[True]} vs {med[False]}) |")
     if not show_all:  # one row per sampler: its best grid / spacing at the key budget
         first = {}
         for r in sorted(rows, key=score.get):
