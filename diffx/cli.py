@@ -19,7 +19,7 @@ COMMANDS = {
 }
 
 USAGE = "usage: diffx <command> [key=value ...] [hydra flags: --help, --cfg job, -m] [--verbose]\n\ncommands:\n" + "".join(
-    f"  {name:<8} {desc}\n" for name, (_, _, desc) in COMMANDS.items()
+    f"  {name:<10} {desc}\n" for name, (_, _, desc) in COMMANDS.items()
 ) + "\nexample: diffx train model=unet objective=flow train.steps=1000\n"
 
 
