@@ -81,6 +81,9 @@ def calibrate(cfg: DictConfig) -> Path:
                    "reference_steps": cfg.reference_steps, "holdout_rms_base": before,
                    "holdout_rms_fitted": after, "diffx_version": __version__}
     learned.save(out, fitted)
+    if after >= before:
+        console.print(f"warning: the fitted solver is not more accurate than {name} on the held-out noises; "
+                      f"fit with more samples= or iters=, or keep sampler={name}")
     console.print(f"held-out RMS endpoint error ({cfg.holdout} noises, {fitted.steps} NFE): {name} {before:.3e} -> "
                   f"fitted {after:.3e} ({after / before:.2f}x)\nwrote {out}\nuse: diffx sample ckpt={cfg.ckpt} "
                   f"sampler=learned sampler.path={out}")

@@ -147,6 +147,8 @@ def fit(denoiser_for, solver: LinearSolver, z: Tensor, target: Tensor, iters: in
         ts = _times(ts0[0], u) if learn_times else ts0
         out = rollout(denoiser_for(idx), C0 + dC * mask, ts, z[idx.to(z.device)])
         loss = (out - target[idx.to(z.device)]).double().pow(2).mean()
+        if not torch.isfinite(loss):
+            raise DiffxError(f"the solver fit diverged at step {i + 1} (loss {loss.item()}); lower lr= / t_lr=")
         opt.zero_grad()
         loss.backward()
         opt.step()
