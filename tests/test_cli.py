@@ -109,3 +109,15 @@ def test_calibrate_bad_input_is_one_line(trained, override, expect):
     cwd, run = trained
     proc = diffx("calibrate", f"ckpt={run / 'model.safetensors'}", override, cwd=cwd, check=False)
     assert proc.returncode == 1 and expect in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("sampler", ["heun", "ddpm", "dpmpp_sde", "dpmpp_3m", "ipndm"])
+def test_every_kind_of_sampler_runs_from_the_cli(trained, sampler):
+    """Issue #3's acceptance: heun, ddpm and dpmpp_sde (and the other multistep ones) sample a trained
+    checkpoint from the command line, and the PNGs record the NFE they cost (Heun: up to 2 per step)."""
+    cwd, run = trained
+    diffx("sample", f"ckpt={run / 'model.safetensors'}", f"sampler={sampler}", "steps=4", "n=2", f"out=s_{sampler}",
+          cwd=cwd)
+    with Image.open(cwd / f"s_{sampler}" / "seed000001.png") as im:
+        nfe, steps = int(im.text["nfe"]), int(im.text["steps"])
+    assert steps == 4 and (steps < nfe <= 2 * steps if sampler == "heun" else nfe == steps)
