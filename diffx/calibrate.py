@@ -4,10 +4,11 @@
     diffx sample ckpt=runs/<run>/model.safetensors sampler=learned sampler.path=runs/<run>/solver_unipc_10.safetensors
 
 The base sampler on its grid is traced into its linear form, the model's own high-accuracy ODE
-endpoints are computed from ``samples + holdout`` calibration noises (seeds from ``seed``, by default
-far from ``diffx sample``'s), and the coefficients and call times are fitted on the first ``samples``.
-The RMS endpoint error of the base sampler and of the fitted one on the held-out noises is printed and
-stored in the file. The fit is for this checkpoint, NFE and guidance scale (``cfg``, ``label`` /
+endpoints are computed from ``samples + validation + holdout`` calibration noises (seeds from ``seed``,
+by default far from ``diffx sample``'s), the coefficients and call times are fitted on the first
+``samples``, the fit is kept only if it beats the base on the ``validation`` noises (else the base is),
+and the RMS endpoint error of the base sampler and of the fitted one on the ``holdout`` noises, used
+by neither, is printed and stored in the file. The fit is for this checkpoint, NFE and guidance scale (``cfg``, ``label`` /
 ``prompt``): sampling with another scale works but is not what it was tuned for.
 """
 
@@ -42,7 +43,7 @@ def calibrate(cfg: DictConfig) -> Path:
     schedule, console = parts.objective.schedule, Console()
     base = learned.trace(instantiate(cfg.sampler), schedule, instantiate(cfg.grid)(cfg.steps, schedule))
 
-    total = cfg.samples + cfg.holdout
+    total = cfg.samples + cfg.validation + cfg.holdout
     seeds = [cfg.seed + i for i in range(total)]
     inputs = condition_inputs(cfg, parts.condition, ckpt.spec, seeds)
     c, size = parts.latent.channels(ckpt.spec.channels), ckpt.spec.image_size // parts.latent.factor
@@ -59,13 +60,15 @@ def calibrate(cfg: DictConfig) -> Path:
                                           z[lo:lo + cfg.batch_size], cfg.reference_steps)
                         for lo in range(0, total, cfg.batch_size)])
     console.print(f"reference: {total} ODE solves at {cfg.reference_steps} steps in {time.time() - t0:.0f} s")
+    val_end = cfg.samples + cfg.validation
     fit_z, fit_target = z[:cfg.samples], target[:cfg.samples]
-    held = torch.arange(cfg.samples, total)
 
-    def held_for(idx):
-        return denoiser_for(held[idx])
+    def split(lo: int, hi: int) -> tuple:
+        rows = torch.arange(lo, hi)
+        return (lambda idx: denoiser_for(rows[idx])), z[lo:hi], target[lo:hi]
 
-    before = learned.rms(held_for, base, z[cfg.samples:], target[cfg.samples:], cfg.batch_size)
+    val, held = split(cfg.samples, val_end), split(val_end, total)
+    before = learned.rms(*held[:1], base, *held[1:], cfg.batch_size)
     every = max(1, cfg.iters // 10)
 
     def report(i, loss):
@@ -73,11 +76,11 @@ def calibrate(cfg: DictConfig) -> Path:
             console.print(f"fit {i + 1}/{cfg.iters}  train RMS {loss ** 0.5:.3e}  ({time.time() - t0:.0f} s)")
 
     fitted = learned.fit(denoiser_for, base, fit_z, fit_target, iters=cfg.iters, lr=cfg.lr, t_lr=cfg.t_lr,
-                         batch=cfg.batch_size, seed=cfg.seed, learn_times=cfg.learn_times, on_step=report)
-    after = learned.rms(held_for, fitted, z[cfg.samples:], target[cfg.samples:], cfg.batch_size)
+                         batch=cfg.batch_size, seed=cfg.seed, learn_times=cfg.learn_times, val=val, on_step=report)
+    after = learned.rms(*held[:1], fitted, *held[1:], cfg.batch_size)
     fitted.meta = {"base": name, "grid": cfg.grid._target_.rsplit(".", 1)[-1], "steps": cfg.steps,
                    "nfe": fitted.steps, "cfg": cfg.cfg, "ckpt": str(cfg.ckpt), "ckpt_step": ckpt.step,
-                   "samples": cfg.samples, "holdout": cfg.holdout, "iters": cfg.iters, "seed": cfg.seed,
+                   "samples": cfg.samples, "validation": cfg.validation, "holdout": cfg.holdout, "iters": cfg.iters, "seed": cfg.seed,
                    "reference_steps": cfg.reference_steps, "holdout_rms_base": before,
                    "holdout_rms_fitted": after, "diffx_version": __version__}
     learned.save(out, fitted)

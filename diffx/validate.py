@@ -46,6 +46,7 @@ _SAMPLE_NUMBERS = [
 ]
 _CALIBRATE_NUMBERS = _SAMPLE_NUMBERS[:2] + _SAMPLE_NUMBERS[3:] + [
     ("samples", True, 1, None, True),
+    ("validation", True, 1, None, True),
     ("holdout", True, 1, None, True),
     ("iters", True, 0, None, True),
     ("reference_steps", True, 2, None, True),

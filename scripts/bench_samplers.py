@@ -133,13 +133,17 @@ def run_diffx(case, gmm, z, budget):
 def run_learned(case, gmm, z, budget, args):
     """``diffx calibrate``'s fit, on this model: UniPC on the uniform grid traced into its linear form,
     then its coefficients and call times fitted to the model's own reference solves (``learned.reference``,
-    not the DOP853 reference used for scoring) from calibration noise drawn with another seed than ``z``."""
+    not the DOP853 reference used for scoring) from calibration noise drawn with another seed than ``z``,
+    kept only if it beats its base on validation noise (a third seed)."""
     den = samplers.make_denoiser(_ExactNet(gmm, case.objective), case.objective)
     zc = torch.randn(args.calib_samples, z.shape[1], generator=torch.Generator().manual_seed(args.seed + 1000),
                      dtype=z.dtype)
+    zv = torch.randn(args.calib_samples // 8, z.shape[1], generator=torch.Generator().manual_seed(args.seed + 2000),
+                     dtype=z.dtype)  # validation noises: the fit is kept only if it beats its base on them
     base = learned.trace(samplers.unipc, case.objective.schedule, grids.uniform(budget, case.objective.schedule))
-    target = learned.reference(den, case.objective.schedule, zc)
-    fitted = learned.fit(lambda idx: den, base, zc, target, iters=args.calib_iters, batch=args.calib_batch)
+    target, val_target = (learned.reference(den, case.objective.schedule, x) for x in (zc, zv))
+    fitted = learned.fit(lambda idx: den, base, zc, target, iters=args.calib_iters, batch=args.calib_batch,
+                         val=(lambda idx: den, zv, val_target))
     den.nfe = 0
     x = fitted(den, case.objective.schedule, z.clone())
     return {"diffx learned(unipc) [uniform]": (x, den.nfe, None)}
