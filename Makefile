@@ -28,7 +28,7 @@ test: install  ## install, then run the default test suite (slow tests excluded)
 test-all: install  ## every test, the slow ones included
 	$(PY) -m pytest -q -m "slow or not slow"
 
-bench: install  ## sampler accuracy vs diffusers and k-diffusion (see README); a few minutes on 2 cores
+bench: install  ## sampler accuracy vs diffusers and k-diffusion, with fitted solvers (see README); ~18 min
 	$(PIP) install -q ".[bench]"
 	$(PIP) install -q --no-deps k-diffusion==0.1.1.post1  # its own deps would pull torchvision
 	$(PY) scripts/bench_samplers.py
