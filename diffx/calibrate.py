@@ -84,7 +84,10 @@ def calibrate(cfg: DictConfig) -> Path:
                    "reference_steps": cfg.reference_steps, "holdout_rms_base": before,
                    "holdout_rms_fitted": after, "diffx_version": __version__}
     learned.save(out, fitted)
-    if after >= before:
+    if fitted is base:
+        console.print(f"note: the fit did not beat {name} on the validation noises, so the file holds {name} itself; "
+                      "more samples= / iters= or a lower lr= may help")
+    elif after >= before:
         console.print(f"warning: the fitted solver is not more accurate than {name} on the held-out noises; "
                       f"fit with more samples= or iters=, or keep sampler={name}")
     console.print(f"held-out RMS endpoint error ({cfg.holdout} noises, {fitted.steps} NFE): {name} {before:.3e} -> "
