@@ -30,3 +30,24 @@ def test_train_and_sample_on_cuda(tmp_path, precision):
     assert out.device.type == "cuda" and torch.isfinite(out).all()
     # the start noise is drawn on the CPU per seed: the same on every device
     torch.testing.assert_close(x.cpu(), noise.randn((2, 3, 16, 16), noise.generators([0, 1])))
+
+
+def test_fitted_solver_on_cuda_matches_cpu():
+    """The learned solver's rollout and fit run with the model on CUDA (coefficients and times stay on the
+    CPU in float64), and give the CPU's samples."""
+    from analytic import AnalyticModel, two_point_mixture
+    from conftest import make_objective
+
+    from diffx import learned
+
+    obj = make_objective("flow", "linear")
+    base = learned.trace(samplers.unipc, obj.schedule, grids.uniform(5, obj.schedule))
+    z = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        den = samplers.make_denoiser(AnalyticModel(obj, two_point_mixture).to(dev), obj)
+        target = learned.reference(den, obj.schedule, z.to(dev), steps=20)
+        fitted = learned.fit(lambda idx: den, base, z.to(dev), target, iters=5, batch=32)
+        outs[dev] = fitted(den, obj.schedule, z.to(dev)).cpu()
+        assert torch.isfinite(outs[dev]).all()
+    torch.testing.assert_close(outs["cuda"], outs["cpu"], rtol=1e-3, atol=1e-3)
