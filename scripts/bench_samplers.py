@@ -14,7 +14,8 @@ k-diffusion's at the sigma it passes. A sampler that starts short of t = 1 is sc
 solution from its own start. Samplers marked * are stochastic (scored against the same ODE endpoint,
 for reference only); NFE in parentheses where a sampler cannot hit the budget exactly.
 
-    python scripts/bench_samplers.py                # the README table, a few minutes on 2 cores
+    python scripts/bench_samplers.py                # the README table, ~17 minutes on one core (fits included)
+    python scripts/bench_samplers.py --learned-nfe  # without the fitted solvers, ~4 minutes
     python scripts/bench_samplers.py --nfe 10 --cases flow-linear --all --std 0.2
 """
 
