@@ -67,17 +67,15 @@ def calibrate(cfg: DictConfig) -> Path:
         rows = torch.arange(lo, hi)
         return (lambda idx: denoiser_for(rows[idx])), z[lo:hi], target[lo:hi]
 
-    val, held = split(cfg.samples, val_end), split(val_end, total)
-    before = learned.rms(*held[:1], base, *held[1:], cfg.batch_size)
-    every = max(1, cfg.iters // 10)
+    val, (held_for, held_z, held_target) = split(cfg.samples, val_end), split(val_end, total)
+    before = learned.rms(held_for, base, held_z, held_target, cfg.batch_size)
 
     def report(i, loss):
-        if (i + 1) % every == 0 or i + 1 == cfg.iters:
-            console.print(f"fit {i + 1}/{cfg.iters}  train RMS {loss ** 0.5:.3e}  ({time.time() - t0:.0f} s)")
+        console.print(f"fit {i + 1}/{cfg.iters}  train RMS {loss ** 0.5:.3e}  ({time.time() - t0:.0f} s)")
 
     fitted = learned.fit(denoiser_for, base, fit_z, fit_target, iters=cfg.iters, lr=cfg.lr, t_lr=cfg.t_lr,
                          batch=cfg.batch_size, seed=cfg.seed, learn_times=cfg.learn_times, val=val, on_step=report)
-    after = learned.rms(*held[:1], fitted, *held[1:], cfg.batch_size)
+    after = learned.rms(held_for, fitted, held_z, held_target, cfg.batch_size)
     fitted.meta = {"base": name, "grid": cfg.grid._target_.rsplit(".", 1)[-1], "steps": cfg.steps,
                    "nfe": fitted.steps, "cfg": cfg.cfg, "ckpt": str(cfg.ckpt), "ckpt_step": ckpt.step,
                    "samples": cfg.samples, "validation": cfg.validation, "holdout": cfg.holdout, "iters": cfg.iters, "seed": cfg.seed,

@@ -80,7 +80,8 @@ def trace(sampler, schedule, ts: Tensor) -> LinearSolver:
     """
     rows = [_trace_rows(sampler, schedule, ts, seed) for seed in (0, 1)]
     if not torch.allclose(rows[0][1], rows[1][1]):
-        raise DiffxError(f"{getattr(sampler, '__name__', sampler)} is stochastic: only a deterministic sampler "
+        name = getattr(getattr(sampler, "func", sampler), "__name__", sampler)  # a Hydra partial or a function
+        raise DiffxError(f"sampler={name} is stochastic: only a deterministic sampler "
                          "(ddim, euler, heun, dpmpp, dpmpp_3m, unipc, ipndm) can be traced and fitted")
     call_ts, C = rows[0]
     return LinearSolver(call_ts, C, {"base_steps": len(ts) - 1})
@@ -121,7 +122,7 @@ def reference(denoise, schedule, z: Tensor, steps: int = 200) -> Tensor:
 
 def fit(denoiser_for, solver: LinearSolver, z: Tensor, target: Tensor, iters: int = 500, lr: float = 1e-3,
         t_lr: float = 1e-2, batch: int = 1024, seed: int = 0, learn_times: bool = True, val=None,
-        on_step=None) -> LinearSolver:
+        on_step=None, check_every: int = 0) -> LinearSolver:
     """Adam on ``mean |rollout(z) - target|^2`` over mini-batches of the calibration pool (z, target),
     from ``solver`` (usually ``trace`` of a classical sampler), with a linear warm-up over the first
     5% of the steps and a cosine decay after it.
@@ -136,8 +137,9 @@ def fit(denoiser_for, solver: LinearSolver, z: Tensor, target: Tensor, iters: in
     decreasing), the call times, as a softmax over the n gaps ``t_0 - t_1, ..., t_{n-1} - 0``, so they
     stay ordered, inside (0, t_0] and start exactly where the solver's do. ``denoiser_for(idx)`` is the
     denoiser for pool rows ``idx`` (their conditions); its ``denoise(x, t)`` must accept a 0-dim tensor
-    ``t`` and be differentiable in ``x`` (and in ``t`` for the times). ``on_step(i, loss)`` is called
-    after every step.
+    ``t`` and be differentiable in ``x`` (and in ``t`` for the times). Every ``check_every`` steps
+    (default: a tenth of them) and at the last, the mini-batch loss is read back -- the only host sync
+    of the loop --, checked for NaN/inf and passed to ``on_step(i, loss)``.
     """
     ts0, C0 = solver.ts.to(torch.float64), solver.C.to(torch.float64)
     gaps = ts0 - torch.cat([ts0[1:], ts0.new_zeros(1)])
@@ -150,6 +152,7 @@ def fit(denoiser_for, solver: LinearSolver, z: Tensor, target: Tensor, iters: in
     warm = max(1, iters // 20)
     decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min((i + 1) / warm, 0.5 * (1 + math.cos(math.pi * i / max(iters, 1)))))
     g = torch.Generator().manual_seed(seed)
+    check_every = check_every or max(1, iters // 10)
 
     def current() -> LinearSolver:
         with torch.no_grad():
@@ -161,14 +164,16 @@ def fit(denoiser_for, solver: LinearSolver, z: Tensor, target: Tensor, iters: in
         ts = _times(ts0[0], u) if learn_times else ts0
         out = rollout(denoiser_for(idx), C0 + dC * mask, ts, z[idx.to(z.device)])
         loss = (out - target[idx.to(z.device)]).double().pow(2).mean()
-        if not torch.isfinite(loss):
-            raise DiffxError(f"the solver fit diverged at step {i + 1} (loss {loss.item()}); lower lr= / t_lr=")
         opt.zero_grad()
         loss.backward()
         opt.step()
         decay.step()
-        if on_step is not None:
-            on_step(i, loss.item())
+        if (i + 1) % check_every == 0 or i + 1 == iters:
+            value = loss.item()
+            if not math.isfinite(value):
+                raise DiffxError(f"the solver fit diverged by step {i + 1} (loss {value}); lower lr= / t_lr=")
+            if on_step is not None:
+                on_step(i, value)
     fitted = current()
     if val is not None and rms(val[0], fitted, val[1], val[2], batch) >= rms(val[0], solver, val[1], val[2], batch):
         return solver
@@ -228,7 +233,3 @@ def load(path) -> LinearSolver:
                          "in (0, 1] and a lower-triangular (n+1, n+1) C)")
     return LinearSolver(ts.double(), C.double(), meta)
 
-
-def load_sampler(path: str) -> LinearSolver:
-    """``sampler=learned``'s target: the solver at ``path`` (``conf/sampler/learned.yaml``)."""
-    return load(path)

@@ -74,6 +74,7 @@ def sample(cfg: DictConfig) -> list[Path]:
 
 
 def check_guidance(cfg: DictConfig, parts: Parts) -> None:
+    """Guidance (``cfg != 1``) needs a conditional checkpoint."""
     if cfg.cfg != 1.0 and type(parts.condition) is conditioning.Unconditional:
         raise DiffxError(f"cfg={cfg.cfg} needs a conditional model, but {cfg.ckpt} is unconditional; use cfg=1")
 

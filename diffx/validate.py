@@ -120,12 +120,19 @@ def _check_sample(cfg: DictConfig, numbers=_SAMPLE_NUMBERS) -> None:
 
 
 def _check_calibrate(cfg: DictConfig) -> None:
+    """``diffx sample``'s checks, then: the base sampler can be traced (``learned.trace`` refuses a
+    stochastic one; a two-step trace on a stand-in schedule costs nothing) and is not a fitted one."""
+    from hydra.utils import instantiate
+
+    from diffx import grids, learned, schedules
+
     if not isinstance(cfg.learn_times, bool):
         raise DiffxError(f"learn_times={cfg.learn_times}: expected true or false")
-    if cfg.sampler._target_.rsplit(".", 1)[-1] in ("ddpm", "dpmpp_sde", "load_sampler"):
-        raise DiffxError(f"sampler={_choice('sampler') or cfg.sampler._target_}: calibrate starts from a deterministic "
-                         "sampler (ddim, euler, heun, dpmpp, dpmpp_3m, unipc, ipndm)")
     _check_sample(cfg, _CALIBRATE_NUMBERS)
+    if cfg.sampler._target_ == "diffx.learned.load":
+        raise DiffxError("sampler=learned: calibrate starts from a classical sampler (ddim, euler, heun, dpmpp, "
+                         "dpmpp_3m, unipc, ipndm), not from a fitted one")
+    learned.trace(instantiate(cfg.sampler), schedules.FlowLinear(), grids.uniform(2))
 
 
 def _check_other(cfg: DictConfig) -> None:
