@@ -126,13 +126,17 @@ def test_bad_solver_files_fail_in_one_line(case, tmp_path):
 
 
 def test_a_fit_that_goes_astray_falls_back_to_its_base():
-    """With validation noises, fit never returns a solver less accurate on them than the one it started from."""
+    """With validation noises, fit keeps its result only if it beats the solver it started from there:
+    a fit to the right endpoints is kept, a fit pulled towards wrong ones (here reflected about 1) is
+    replaced by the base itself."""
     obj = make_objective("flow", "linear")
     den = _denoiser(obj, two_point_mixture, m=0.6, c=0.1)
     base = learned.trace(samplers.unipc, obj.schedule, grids.uniform(4, obj.schedule))
     fit_z, val_z = _pool(128, 1), _pool(128, 2)
     fit_ref, val_ref = (learned.reference(den, obj.schedule, z, steps=50) for z in (fit_z, val_z))
     val = (lambda idx: den, val_z, val_ref)
-    for lr in (3e-3, 0.05):
-        fitted = learned.fit(lambda idx: den, base, fit_z, fit_ref, iters=30, lr=lr, t_lr=0.3, batch=64, val=val)
-        assert learned.rms(*val[:1], fitted, *val[1:]) <= learned.rms(*val[:1], base, *val[1:])
+    base_err = learned.rms(*val[:1], base, *val[1:])
+    good = learned.fit(lambda idx: den, base, fit_z, fit_ref, iters=30, lr=3e-3, batch=64, val=val)
+    assert good is not base and learned.rms(*val[:1], good, *val[1:]) < base_err
+    astray = learned.fit(lambda idx: den, base, fit_z, 2.0 - fit_ref, iters=60, lr=3e-2, batch=64, val=val)
+    assert astray is base
