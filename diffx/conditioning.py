@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from diffx.models.conditioned import TextConditioned
+from diffx.progress import work
 
 NULL_LABEL = -1
 
@@ -26,6 +27,7 @@ class Unconditional:
     """No condition: ``cond`` is always None."""
 
     model_kwargs: dict = {}
+    description = "unconditional"
 
     def __call__(self, batch: dict, device=None) -> None:
         return None
@@ -39,12 +41,16 @@ class Unconditional:
     def wrap(self, net):
         return net
 
+    def prepare(self, captions: list[str], device=None) -> None:
+        """Do any one-off encoding of the training data's conditions before the loop starts."""
+
 
 class Labels(Unconditional):
     """Class labels ``{"label": (B,)}``; the null condition is the label -1."""
 
     def __init__(self, num_classes: int):
         self.model_kwargs = {"num_classes": num_classes}
+        self.description = f"{num_classes} class labels"
 
     def __call__(self, batch: dict, device=None) -> dict:
         return {"label": torch.as_tensor(batch["label"], device=device)}
@@ -66,6 +72,7 @@ class Text(Unconditional):
     def __init__(self, encoder):
         self.encoder = encoder
         self.model_kwargs = {"text_dim": encoder.dim, "pooled_dim": encoder.pooled_dim}
+        self.description = f"text ({type(encoder).__name__} encoder)"
         self.rows: dict[str, int] = {}
         self.table: dict[str, Tensor] = {}
 
@@ -87,6 +94,15 @@ class Text(Unconditional):
 
     def wrap(self, net):
         return TextConditioned(net, self.encoder.head())
+
+    def prepare(self, captions: list[str], device=None, chunk: int = 256) -> None:
+        """Encode every distinct caption once, up front and with a progress line, instead of
+        spread over the first training steps."""
+        new = [p for p in dict.fromkeys(captions) if p not in self.rows]
+        with work(f"encoding {len(new)} distinct captions", len(new)) as advance:
+            for lo in range(0, len(new), chunk):
+                self.encode(new[lo: lo + chunk], device)
+                advance(len(new[lo: lo + chunk]))
 
 
 def of(text_encoder, spec) -> Unconditional:

@@ -28,6 +28,7 @@ from PIL import Image, ImageOps
 
 from diffx import shapes as shape_rules
 from diffx.errors import DiffxError
+from diffx.progress import work
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -72,20 +73,22 @@ def _hold(ds: datasets.Dataset, size: int, class_names: list[str], on_error: str
     # Undecoded {"bytes", "path"} refs: we decode, to catch errors per file and to fit the size.
     refs = ds.cast_column("image", datasets.Image(decode=False)).select_columns(["image"]).to_dict()["image"]
     pixels, kept, bad = [], [], []
-    for i, ref in enumerate(refs):
-        try:
-            with Image.open(io.BytesIO(ref["bytes"]) if ref["bytes"] else ref["path"]) as im:
-                # fit() is a no-op copy when the image already has the target size (shapes).
-                fitted = ImageOps.fit(im.convert("RGB"), (size, size), Image.Resampling.LANCZOS)
-        # PIL reports a broken file as any of these, depending on the format and where it breaks.
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            if on_error == "raise":
-                raise DiffxError(f"{where}: cannot read image {ref['path'] or f'row {i}'} ({e}); "
-                                 "expected a valid image file (or set data.on_error=skip)") from e
-            bad.append(ref["path"] or f"row {i}")
-            continue
-        pixels.append(np.asarray(fitted, dtype=np.uint8))
-        kept.append(i)
+    with work(f"decoding {len(refs)} images", len(refs)) as advance:
+        for i, ref in enumerate(refs):
+            advance()
+            try:
+                with Image.open(io.BytesIO(ref["bytes"]) if ref["bytes"] else ref["path"]) as im:
+                    # fit() is a no-op copy when the image already has the target size (shapes).
+                    fitted = ImageOps.fit(im.convert("RGB"), (size, size), Image.Resampling.LANCZOS)
+            # PIL reports a broken file as any of these, depending on the format and where it breaks.
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                if on_error == "raise":
+                    raise DiffxError(f"{where}: cannot read image {ref['path'] or f'row {i}'} ({e}); "
+                                     "expected a valid image file (or set data.on_error=skip)") from e
+                bad.append(ref["path"] or f"row {i}")
+                continue
+            pixels.append(np.asarray(fitted, dtype=np.uint8))
+            kept.append(i)
     if bad:
         warnings.warn(f"{where}: skipped {len(bad)} unreadable image file(s), e.g. {bad[0]}", stacklevel=3)
     if not kept:
@@ -139,8 +142,13 @@ def _render_shapes(params: dict) -> datasets.Dataset:
     jitter = rng.uniform(-shape_rules.JITTER, shape_rules.JITTER, size=(n, 2))
     attrs = [{"shape": shapes[a], "color": colors[b], "size": sizes[c], "position": positions[d]}
              for a, b, c, d in zip(s_idx, c_idx, z_idx, p_idx)]
+    with work(f"rendering {n} shapes at {size}x{size} (cached for later runs)", n) as advance:
+        images = []
+        for a, j in zip(attrs, jitter):
+            images.append(_png(shape_rules.render(a, size, j)))
+            advance()
     columns = {
-        "image": [_png(shape_rules.render(a, size, j)) for a, j in zip(attrs, jitter)],
+        "image": images,
         "label": s_idx * len(colors) + c_idx,
         "caption": [shape_rules.caption(a) for a in attrs],
         **{k: [a[k] for a in attrs] for k in ("shape", "color", "size", "position")},

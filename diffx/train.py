@@ -71,7 +71,9 @@ def train(cfg: DictConfig) -> Path:
     window_start, window_steps = time.perf_counter(), 0
 
     # Every batch has the same size (drop_last), so the null condition is encoded once, not per step.
+    condition.prepare(data.dataset.captions, accelerator.device)
     null = condition.null(tc.batch_size, accelerator.device)
+    accelerator.print(_summary(accelerator.unwrap_model(model), data, spec, condition, tc, step, accelerator))
 
     # 3. the loop
     model.train()
@@ -92,6 +94,7 @@ def train(cfg: DictConfig) -> Path:
             sums += torch.stack([loss.detach().float(), torch.as_tensor(grad_norm, device=sums.device).float()])
             step += 1
             window_steps += 1
+            progress.advance(step)
 
             # Host sync only here, every log_every steps: the loss, grad norm and NaN check ride on it.
             if step % tc.log_every == 0 or step == tc.steps:
@@ -102,7 +105,7 @@ def train(cfg: DictConfig) -> Path:
                                          "lower train.lr or set train.grad_clip")
                 now = time.perf_counter()
                 rate = window_steps / (now - window_start)
-                progress.update(step, mean_loss, rate)
+                progress.update(step, mean_loss)
                 if accelerator.is_main_process:
                     with open(log_path, "a") as f:
                         f.write(json.dumps({"step": step, "loss": mean_loss, "grad_norm": mean_grad,
@@ -118,6 +121,17 @@ def train(cfg: DictConfig) -> Path:
     if accelerator.is_main_process:
         accelerator.print(f"saved {run_dir / 'model.safetensors'} (step {step})")
     return run_dir
+
+
+def _summary(model, data, spec: DataSpec, condition, tc, step: int, accelerator) -> str:
+    """One line before the loop: what will run, and where."""
+    params = sum(p.numel() for p in model.parameters())
+    start = f", resuming at step {step}" if step else ""
+    ranks = f" per process x {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""
+    return (f"training {type(getattr(model, 'net', model)).__name__} ({params / 1e6:.2f} M parameters) on "
+            f"{len(data.dataset)} images {spec.channels}x{spec.image_size}x{spec.image_size} "
+            f"(condition: {condition.description}): {tc.steps} steps{start}, batch {tc.batch_size}{ranks}, "
+            f"device {accelerator.device}, precision {accelerator.mixed_precision}")
 
 
 def _batches(loader, sampler: EpochSampler, start: int):

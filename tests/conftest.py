@@ -24,13 +24,41 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
+GPU_SKIP = "needs CUDA"
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs CUDA")
+    skip = pytest.mark.skip(reason=GPU_SKIP)
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# A test may skip for hardware only. `make test` installs every package the suite needs (the `dev`
+# extra), so a skip for any other reason -- a missing package, a missing command -- fails the run:
+# otherwise a fresh machine would silently test less than CI did.
+_UNEXPECTED_SKIPS: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if GPU_SKIP not in reason:
+            _UNEXPECTED_SKIPS.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _UNEXPECTED_SKIPS and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _UNEXPECTED_SKIPS:
+        terminalreporter.section("skips that are not for hardware (failing the run)")
+        for line in _UNEXPECTED_SKIPS:
+            terminalreporter.write_line(line)
 
 
 # A seconds-long CPU train: a 2-level UNet 8 channels wide on 8x8 shapes, two steps.

@@ -34,7 +34,6 @@ def _compose(name, overrides):
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
     """Tiny random CLIP and T5 encoders saved locally (no network), for options that need a path."""
-    pytest.importorskip("transformers")
     import tiny_hf
 
     return tiny_hf.save_all(tmp_path_factory.mktemp("hf"))

@@ -183,9 +183,9 @@ PROMPTS = ["a small red circle at the top left", "", "a large blue triangle on t
 
 @pytest.fixture(scope="module")
 def text_encoders(tmp_path_factory):
-    from tiny_hf import HAS_TRANSFORMERS, encoders, save_all
+    from tiny_hf import encoders, save_all
 
-    return encoders(save_all(tmp_path_factory.mktemp("hf")) if HAS_TRANSFORMERS else None)
+    return encoders(save_all(tmp_path_factory.mktemp("hf")))
 
 
 def _fill_padding(key: str, v: torch.Tensor, features: dict) -> torch.Tensor:
@@ -203,8 +203,6 @@ def _text_model(arch: str, encoder) -> TextConditioned:
 @pytest.mark.parametrize("kind", ["tiny", "clip", "t5", "multi"])
 @pytest.mark.parametrize("arch", ["unet", "mmdit", "mmdit_single"])
 def test_text_shape_contract_with_every_encoder_kind(text_encoders, arch, kind):
-    if kind not in text_encoders:
-        pytest.skip("needs the text extra (transformers)")
     encoder, gen = text_encoders[kind], torch.Generator().manual_seed(6)
     model = _text_model(arch, encoder)
     x = torch.randn(B, C, S, S, generator=gen)

