@@ -37,10 +37,18 @@ class DataSpec:
 
 @dataclass
 class Parts:
+    """A model's parts, built for data of shape ``spec``."""
+
     model: object
     objective: object
     latent: object
-    condition: conditioning.Unconditional = field(default_factory=conditioning.Unconditional)
+    condition: conditioning.Source = field(default_factory=conditioning.Unconditional)
+    spec: DataSpec | None = None
+
+    @property
+    def x0_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of what the model denoises: the data's shape through the latent space."""
+        return self.latent.shape(self.spec.channels, self.spec.image_size)
 
 
 def parts_config(cfg: DictConfig) -> dict:
@@ -61,10 +69,6 @@ def build(parts: dict | DictConfig, spec: DataSpec) -> Parts:
     # `text_encoder=none` composes to an empty mapping; checkpoints older than text have no key.
     text_encoder = instantiate(parts.text_encoder) if parts.get("text_encoder") else None
     condition = conditioning.of(text_encoder, spec)
-    net = instantiate(
-        parts.model,
-        in_channels=latent.channels(spec.channels),
-        image_size=spec.image_size // latent.factor,
-        **condition.model_kwargs,
-    )
-    return Parts(model=condition.wrap(net), objective=objective, latent=latent, condition=condition)
+    channels, size, _ = latent.shape(spec.channels, spec.image_size)
+    net = instantiate(parts.model, in_channels=channels, image_size=size, **condition.model_kwargs)
+    return Parts(model=condition.wrap(net), objective=objective, latent=latent, condition=condition, spec=spec)

@@ -12,7 +12,6 @@ spent on it. Every failure is one DiffxError naming the file.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,39 +20,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from diffx import __version__
+from diffx.atomic import atomic_write
 from diffx.build import DataSpec, Parts, build
-from diffx.config import target_sites
-from diffx.errors import DiffxError
-from diffx.validate import check_params
+from diffx.errors import DiffxError, first_line
+from diffx.trust import check_config, check_params
 
 FORMAT = "diffx.model/1"
 REQUIRED_PARTS = ("model", "latent", "objective", "schedule")
-# A stored config may carry these Hydra keys; _args_, _recursive_, _convert_ ... could change what
-# gets called or how, so they are refused.
-_HYDRA_KEYS = {"_target_", "_partial_"}
 # Bounds on what the data decides: a crafted spec must not ask sampling for absurd allocations.
 _SPEC_MAX = {"channels": 64, "image_size": 16384, "num_classes": 1_000_000}
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)``, flush it to disk, then rename over ``path``: a crash or a full disk
-    leaves the previous file intact, never a half-written one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # and the rename itself survives a power cut
-    finally:
-        os.close(dir_fd)
 
 
 def save(path, weights: dict[str, torch.Tensor], parts: dict, spec: DataSpec, step: int) -> None:
@@ -101,7 +77,7 @@ def read_header(path) -> Header:
             meta = f.metadata() or {}
             shapes = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise DiffxError(f"{where}: not a valid safetensors file, truncated or corrupted? ({_first_line(e)}); "
+        raise DiffxError(f"{where}: not a valid safetensors file, truncated or corrupted? ({first_line(e)}); "
                          "re-download or re-save it") from None
     parts, spec, step = _parse_metadata(meta, where)
     check_config(parts, where)
@@ -120,7 +96,7 @@ def _read_weights(path) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise DiffxError(f"ckpt={path}: cannot read its weights ({_first_line(e)}); re-download or re-save it") from None
+        raise DiffxError(f"ckpt={path}: cannot read its weights ({first_line(e)}); re-download or re-save it") from None
 
 
 def load(path, device=None) -> tuple[Parts, Checkpoint]:
@@ -138,7 +114,7 @@ def load(path, device=None) -> tuple[Parts, Checkpoint]:
     try:
         parts.model.load_state_dict(ckpt.weights, strict=True)
     except RuntimeError as e:
-        raise DiffxError(f"{where}: weights do not fit its stored model config ({_first_line(e)})") from None
+        raise DiffxError(f"{where}: weights do not fit its stored model config ({first_line(e)})") from None
     parts.model.to(device).eval().requires_grad_(False)
     return parts, ckpt
 
@@ -158,43 +134,6 @@ def check_weights(expected: dict[str, tuple[tuple, bool]], found: dict[str, tupl
     if problems:
         raise DiffxError(f"{where}: weights do not fit its stored model config: {'; '.join(problems)}; "
                          "the file is corrupted, edited, or not this model's")
-
-
-def check_config(node, where: str) -> None:
-    """Refuse a stored config that could run code: a ``_target_`` not named at that place by the
-    shipped config tree, a ``_partial_`` that differs from it, other Hydra keys (``_args_``,
-    ``_recursive_`` ...), and any string OmegaConf would resolve (``${oc.env:...}``, a resolver)."""
-    sites = target_sites()
-    stack = [("", node)]
-    while stack:
-        key, item = stack.pop()
-        if isinstance(item, dict):
-            for k, v in item.items():
-                if k.startswith("_") and k.endswith("_") and k not in _HYDRA_KEYS:
-                    raise DiffxError(f"{where}: stored config has {_join(key, k)}, a Hydra key that checkpoints may "
-                                     "not use; refusing to load")
-                stack.append((_join(key, k), v))
-            if "_target_" in item or "_partial_" in item:
-                _check_target(key, item, sites.get(key, {}), where)
-        elif isinstance(item, list):
-            stack.extend((f"{key}[]", v) for v in item)
-        elif isinstance(item, str) and ("${" in item or item == "???"):
-            raise DiffxError(f"{where}: stored config {key}={item[:60]!r} is an interpolation or a missing value; "
-                             "checkpoints store resolved values only, refusing to load")
-
-
-def _check_target(key: str, node: dict, allowed: dict[str, bool], where: str) -> None:
-    target = node.get("_target_")
-    if not isinstance(target, str):
-        raise DiffxError(f"{where}: stored config {_join(key, '_target_')} is {type(target).__name__}, "
-                         "not a class name; refusing to load")
-    if target not in allowed:
-        raise DiffxError(f"{where}: stored config names {_join(key, '_target_')}={target!r}, which is not a diffx "
-                         f"class for {key or 'the top level'} (allowed: {', '.join(sorted(allowed)) or 'none'}); "
-                         "refusing to load")
-    if node.get("_partial_", False) is not allowed[target]:
-        raise DiffxError(f"{where}: stored config {_join(key, '_partial_')}={node.get('_partial_')!r} differs from "
-                         f"diffx's own config for {target}; refusing to load")
 
 
 def _check_params(parts: dict, where: str) -> None:
@@ -240,7 +179,7 @@ def _parse_metadata(meta: dict, where: str) -> tuple[dict, DataSpec, int]:
         parts, spec_d = json.loads(meta["config"]), json.loads(meta["spec"])
         step = int(meta["step"])
     except (ValueError, RecursionError) as e:
-        raise DiffxError(f"{where}: malformed diffx metadata ({_first_line(e)}); the file is corrupted") from None
+        raise DiffxError(f"{where}: malformed diffx metadata ({first_line(e)}); the file is corrupted") from None
     _expect(step >= 0, where, f"metadata step={step} is negative")
     _expect(isinstance(parts, dict), where, "metadata config is not a JSON object")
     bad = [k for k in REQUIRED_PARTS if not isinstance(parts.get(k), dict)]
@@ -257,7 +196,7 @@ def _parse_spec(d: dict, where: str) -> DataSpec:
     try:
         spec = DataSpec(**{**d, "class_names": tuple(names)})
     except TypeError as e:
-        raise DiffxError(f"{where}: metadata spec has the wrong keys ({_first_line(e)})") from None
+        raise DiffxError(f"{where}: metadata spec has the wrong keys ({first_line(e)})") from None
     for k, v in asdict(spec).items():
         if k != "class_names":
             ok = isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= _SPEC_MAX.get(k, 1_000_000)
@@ -271,11 +210,3 @@ def _parse_spec(d: dict, where: str) -> DataSpec:
 def _expect(ok: bool, where: str, what: str) -> None:
     if not ok:
         raise DiffxError(f"{where}: {what}; the file is corrupted or not a diffx checkpoint")
-
-
-def _join(prefix: str, key: str) -> str:
-    return f"{prefix}.{key}" if prefix else key
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -122,7 +122,7 @@ def user_message(e: BaseException) -> str | None:
                               MissingConfigException, OverrideParseException)
     from omegaconf.errors import OmegaConfBaseException
 
-    from diffx.validate import as_diffx_error
+    from diffx.errors import as_diffx_error
 
     cause = as_diffx_error(e)
     if cause is not None:

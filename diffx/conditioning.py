@@ -5,17 +5,26 @@ is the null label, or a text encoder's features (diffx/text.py), which the model
 into ``{"tokens": (B, L, D), "mask": (B, L), "pooled": (B, D)}``.
 
 A condition source (``Unconditional``, ``Labels``, ``Text``; ``of`` picks one from what the data and
-the config provide) turns a data batch or user inputs into ``cond`` and says what the null condition
-is. One convention serves training-time dropout and sampling-time guidance alike (Ho & Salimans
+the config provide) turns a data batch or user inputs into ``cond``, says what the null condition
+is, and parses what a user asks for at sampling time (``label=``, ``prompt=``, ``prompt_file=``,
+``negative_prompt=``) into one input per image. One convention serves training-time dropout and sampling-time guidance alike (Ho & Salimans
 2022): the null label is -1, and the null text is **the encoding of the empty prompt**, which a
 ``negative_prompt`` replaces at sampling time.
 """
 
 from __future__ import annotations
 
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+from omegaconf import ListConfig
 from torch import Tensor
+
+from diffx.errors import DiffxError
 
 from diffx.models.conditioned import TextConditioned
 from diffx.progress import work
@@ -23,32 +32,76 @@ from diffx.progress import work
 NULL_LABEL = -1
 
 
-class Unconditional:
-    """No condition: ``cond`` is always None."""
+@dataclass
+class ImageSet:
+    """One set of images to draw: per image the source's input (a label, a prompt, or None), the
+    negative input (None: the null condition) and its PNG text fields; ``name`` is the set's
+    sub-folder, or "" for none."""
+
+    name: str
+    inputs: list
+    negatives: list | None
+    info: list[dict]
+
+
+class Source:
+    """What every condition source declares and does; the defaults are those of no condition.
+
+    ``model_kwargs``: what the model is built with; ``guidable``: whether guidance (cfg != 1) has a
+    condition to steer by; ``tells``: what it can be told of an image, "class", "caption" or None.
+    """
 
     model_kwargs: dict = {}
     description = "unconditional"
+    guidable = False
+    tells: str | None = None
 
-    def __call__(self, batch: dict, device=None) -> None:
+    def __call__(self, batch: dict, device=None) -> dict | None:
+        """A training batch's condition."""
         return None
 
-    def encode(self, inputs: list, device=None) -> None:
+    def encode(self, inputs: list, device=None) -> dict | None:
+        """One input per image (a label, a prompt, None) -> ``cond``."""
         return None
 
-    def null(self, n: int, device=None) -> None:
+    def null(self, n: int, device=None) -> dict | None:
         return None
 
     def wrap(self, net):
+        """The model to train: the network, with any trainable part of the condition inside it."""
         return net
 
     def prepare(self, captions: list[str], device=None) -> None:
         """Do any one-off encoding of the training data's conditions before the loop starts."""
 
+    def inputs(self, options, seeds: list[int]) -> list:
+        """One input per seed from the user's options (``label=``, ``prompt=`` ...)."""
+        _refuse_prompts(options, "label=")
+        label = options.get("label")
+        if label not in (None, "random"):
+            raise DiffxError(f"label={label}: this checkpoint is unconditional (it has no classes)")
+        return [None] * len(seeds)
 
-class Labels(Unconditional):
+    def image_sets(self, options, seeds: list[int]) -> list[ImageSet]:
+        """What ``diffx sample`` draws: one set, in the output folder itself."""
+        return [ImageSet("", self.inputs(options, seeds), None, [{}] * len(seeds))]
+
+    def input_for(self, caption: str, class_name: str):
+        """The input that tells the model about an image with this caption and class (``diffx eval``)."""
+        raise DiffxError("this checkpoint is unconditional: there is no prompt to adhere to")
+
+
+class Unconditional(Source):
+    """No condition: ``cond`` is always None."""
+
+
+class Labels(Source):
     """Class labels ``{"label": (B,)}``; the null condition is the label -1."""
 
-    def __init__(self, num_classes: int):
+    guidable, tells = True, "class"
+
+    def __init__(self, num_classes: int, class_names=()):
+        self.num_classes, self.class_names = num_classes, tuple(class_names)
         self.model_kwargs = {"num_classes": num_classes}
         self.description = f"{num_classes} class labels"
 
@@ -61,13 +114,51 @@ class Labels(Unconditional):
     def null(self, n: int, device=None) -> dict:
         return self.encode([NULL_LABEL] * n, device)
 
+    def inputs(self, options, seeds: list[int]) -> list[int]:
+        """Class label per image: ``random`` (drawn from the image's seed), ``all`` (every class in
+        turn), one index or class name, or a list of them cycled."""
+        _refuse_prompts(options, "label=")
+        label = options.get("label")
+        if label is None or label == "random":
+            return [random.Random(s).randrange(self.num_classes) for s in seeds]
+        if label == "all":
+            label = list(range(self.num_classes))
+        chosen = list(label) if isinstance(label, (list, tuple, ListConfig)) else [label]
+        ids = [self._label_id(v) for v in chosen]
+        return [ids[i % len(ids)] for i in range(len(seeds))]
 
-class Text(Unconditional):
+    def image_sets(self, options, seeds: list[int]) -> list[ImageSet]:
+        labels = self.inputs(options, seeds)
+        return [ImageSet("", labels, None, [{"label": v, "class_name": self._name(v)} for v in labels])]
+
+    def input_for(self, caption: str, class_name: str) -> int:
+        return self._label_id(class_name)
+
+    def _name(self, i: int) -> str:
+        return self.class_names[i] if i < len(self.class_names) else str(i)
+
+    def _label_id(self, v) -> int:
+        if isinstance(v, str) and v in self.class_names:
+            return self.class_names.index(v)
+        try:
+            i = int(v)
+        except (TypeError, ValueError):
+            example = f" such as {self.class_names[0]!r}" if self.class_names else ""
+            raise DiffxError(f"label={v!r}: expected 'random', a class index or a class name{example}") from None
+        if not 0 <= i < self.num_classes:
+            raise DiffxError(f"label={i}: out of range, the checkpoint has {self.num_classes} classes "
+                             f"(0..{self.num_classes - 1})")
+        return i
+
+
+class Text(Source):
     """Captions or prompts through a text encoder; the null condition is the empty prompt's encoding.
 
     The encoder's frozen stage runs once per distinct prompt: its rows are kept in a table, so a
     batch is a gather (the shapes data has a few hundred distinct captions, seen thousands of times).
     """
+
+    guidable, tells = True, "caption"
 
     def __init__(self, encoder):
         self.encoder = encoder
@@ -104,12 +195,57 @@ class Text(Unconditional):
                 self.encode(new[lo: lo + chunk], device)
                 advance(len(new[lo: lo + chunk]))
 
+    def inputs(self, options, seeds: list[int]) -> list[str]:
+        """The prompts cycled over the seeds."""
+        prompts = _required_prompts(options)
+        return [prompts[i % len(prompts)] for i in range(len(seeds))]
 
-def of(text_encoder, spec) -> Unconditional:
+    def image_sets(self, options, seeds: list[int]) -> list[ImageSet]:
+        """One set per prompt, each in its own folder, all with the same seeds."""
+        n, negative = len(seeds), options.get("negative_prompt") or ""
+        return [ImageSet(f"{k:02d}-{_slug(p)}", [p] * n, [negative] * n,
+                         [{"prompt": p, "negative_prompt": negative}] * n)
+                for k, p in enumerate(_required_prompts(options))]
+
+    def input_for(self, caption: str, class_name: str) -> str:
+        return caption
+
+
+def of(text_encoder, spec) -> Source:
     """Text when a text encoder is configured, else class labels when the data has classes, else none."""
     if text_encoder is not None:
         return Text(text_encoder)
-    return Labels(spec.num_classes) if spec.num_classes > 0 else Unconditional()
+    return Labels(spec.num_classes, spec.class_names) if spec.num_classes > 0 else Unconditional()
+
+
+def prompts(options) -> list[str]:
+    """``prompt`` (a string or a list), then the non-blank lines of ``prompt_file``."""
+    prompt = options.get("prompt")
+    found = [] if prompt is None else [str(p) for p in prompt] if isinstance(prompt, (list, ListConfig)) else [str(prompt)]
+    if options.get("prompt_file"):
+        path = Path(options.get("prompt_file"))
+        if not path.is_file():
+            raise DiffxError(f"prompt_file={path}: no such file (expected one prompt per line)")
+        found += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return found
+
+
+def _required_prompts(options) -> list[str]:
+    found = prompts(options)
+    if not found:
+        raise DiffxError("this checkpoint is text-conditioned: pass prompt=\"...\" (or a list, or prompt_file=PATH)")
+    return found
+
+
+def _refuse_prompts(options, instead: str) -> None:
+    if prompts(options) or options.get("negative_prompt"):
+        raise DiffxError("prompt=/prompt_file=/negative_prompt= need a text-conditioned checkpoint (trained with "
+                         f"text_encoder=...); this one takes {instead}")
+
+
+def _slug(prompt: str) -> str:
+    """A folder-name-safe short form of a prompt: 'a red circle!' -> 'a-red-circle'."""
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "empty"
 
 
 def null_like(cond: dict | None) -> dict | None:

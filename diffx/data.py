@@ -15,8 +15,6 @@ import contextlib
 import hashlib
 import io
 import json
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ import torch
 from PIL import Image, ImageOps
 
 from diffx import shapes as shape_rules
+from diffx.atomic import atomic_dir
 from diffx.errors import DiffxError
 from diffx.progress import work
 
@@ -178,18 +177,13 @@ def _quiet():
 
 def _save_atomically(ds: datasets.Dataset, root: Path) -> None:
     """Save next to `root`, then rename: an interrupted or concurrent build never leaves a
-    half-written cache that a later call would trust."""
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}-"))
-    try:
+    half-written cache that a later call would trust (a concurrent build that got there first wins)."""
+
+    def fill(tmp: Path) -> None:
         with _quiet():
             ds.save_to_disk(str(tmp))
-        tmp.rename(root)
-    except OSError:
-        if not root.exists():  # a concurrent build that won the rename is fine; anything else is not
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_dir(root, fill, replace=False)
 
 
 def imagefolder(path: str, size: int = 32, on_error: str = "skip") -> ImageData:

@@ -20,12 +20,12 @@ from omegaconf import DictConfig, ListConfig
 from rich.console import Console
 from rich.table import Table
 
-from diffx import checkpoint, conditioning
+from diffx import checkpoint
 from diffx import shapes as shape_rules
-from diffx.checkpoint import atomic_write
+from diffx.atomic import atomic_write
 from diffx.errors import DiffxError
 from diffx.images import grid, save_png
-from diffx.sample import generate, resolve_device, sampler_and_grid
+from diffx.generate import Request, generate, resolve_device, sampling_plan
 
 ATTRIBUTES = ("shape", "color", "size", "position")
 
@@ -38,10 +38,10 @@ def evaluate(cfg: DictConfig) -> dict:
     parts, ckpt = checkpoint.load(cfg.ckpt, device)
     shapes, colors = _vocabulary(ckpt.parts.get("data", {}), cfg.ckpt)
     targets = held_out(shapes, colors, cfg.captions, cfg.seed)
-    attributes, inputs = _requests(parts.condition, targets, ckpt.spec, cfg.ckpt)
+    attributes, inputs = _requests(parts.condition, targets)
     seeds = [cfg.seed + i for i in range(len(targets))]
     scales = [float(s) for s in cfg.cfg] if isinstance(cfg.cfg, (list, ListConfig)) else [float(cfg.cfg)]
-    sampler, ts, steps, sampler_name = sampler_and_grid(cfg, parts.objective.schedule)
+    plan = sampling_plan(cfg, parts.objective.schedule)
 
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).parent
     outputs = [out / "eval.json"] + ([out / f"eval_cfg{s:g}.png" for s in scales] if cfg.save_grid else [])
@@ -50,13 +50,13 @@ def evaluate(cfg: DictConfig) -> dict:
         raise DiffxError(f"{clash[0]} already exists; choose another out= or pass overwrite=true")
     rows = []
     for scale in scales:
-        images, _ = generate(parts, ckpt.spec, sampler, ts, seeds, inputs, None, scale, cfg.batch_size, device)
+        images, _ = generate(parts, plan, Request(seeds, inputs, None, scale), cfg.batch_size, device)
         rows.append({"cfg": scale, **score(images, targets, attributes, shapes, colors)})
         if cfg.save_grid:
             save_png(out / f"eval_cfg{scale:g}.png", grid(images, upscale=max(1, 64 // ckpt.spec.image_size)))
     report = {
-        "ckpt": str(cfg.ckpt), "step": ckpt.step, "sampler": sampler_name,
-        "steps": steps, "seed": cfg.seed, "attributes": list(attributes),
+        "ckpt": str(cfg.ckpt), "step": ckpt.step, "sampler": plan.name,
+        "steps": plan.steps, "seed": cfg.seed, "attributes": list(attributes),
         "prompts": [shape_rules.caption(t) for t in targets], "results": rows,
     }
     path = out / "eval.json"
@@ -97,13 +97,15 @@ def _vocabulary(data: dict, ckpt) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return shape_rules.check(data.get("shapes", shape_rules.SHAPES), data.get("colors", shape_rules.COLORS))
 
 
-def _requests(condition, targets: list[dict], spec, ckpt) -> tuple[tuple[str, ...], list]:
-    """What the model is told per target, and so which attributes are scored."""
-    if isinstance(condition, conditioning.Text):
-        return ATTRIBUTES, [shape_rules.caption(t) for t in targets]
-    if isinstance(condition, conditioning.Labels):
-        return ("shape", "color"), [spec.class_names.index(f"{t['color']} {t['shape']}") for t in targets]
-    raise DiffxError(f"{ckpt} is unconditional: there is no prompt to adhere to")
+# What a condition source can be told of a shapes image (``Source.tells``) -> the attributes scored.
+_SCORED = {"caption": ATTRIBUTES, "class": ("shape", "color")}
+
+
+def _requests(condition, targets: list[dict]) -> tuple[tuple[str, ...], list]:
+    """What the model is told per target, and so which attributes are scored: a caption tells all
+    four, a class label (a colour and a shape) two."""
+    inputs = [condition.input_for(shape_rules.caption(t), f"{t['color']} {t['shape']}") for t in targets]
+    return _SCORED[condition.tells], inputs
 
 
 def _table(report: dict) -> Table:

@@ -14,12 +14,8 @@ from torch import Tensor
 
 from diffx.errors import DiffxError
 from diffx.schedules import Schedule
+from diffx.tensors import bcast
 from diffx.time_sampling import flow_shift
-
-
-def bcast(v: Tensor, x: Tensor) -> Tensor:
-    """(B,) -> (B, 1, ..., 1) so a per-sample scalar multiplies a batch shaped like ``x``."""
-    return v.reshape(-1, *([1] * (x.ndim - 1)))
 
 
 _LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {

@@ -9,19 +9,18 @@ old one and swapped in, so an interrupted save leaves the previous state loadabl
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from diffx.errors import DiffxError
+from diffx.atomic import OLD_SUFFIX, atomic_dir
+from diffx.errors import DiffxError, first_line
 
 STATE = "state"
-_OLD = "state.old"
+_OLD = STATE + OLD_SUFFIX  # where atomic_dir keeps the previous state while it swaps in a new one
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -55,37 +54,19 @@ def check_resumable(run_dir) -> None:
 
 
 def save_state(run_dir: Path, accelerator, model, ema, optimizer, scheduler, step: int) -> None:
-    tmp = run_dir / f".{STATE}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """Write the whole resume state as one folder swapped in atomically: at every instant ``state`` or
+    ``state.old`` holds a complete state, so a save killed midway loses nothing."""
     raw = accelerator.unwrap_model(model)
-    save_file({k: v.detach().contiguous().cpu() for k, v in raw.state_dict().items()}, str(tmp / "model.safetensors"))
-    save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
-    save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "trainer.json").write_text(json.dumps({
-        "step": step, "ema_updates": ema.updates, "scheduler": scheduler.state_dict()}))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    # Swap in with two renames; at every instant `state` or `state.old` holds a complete state.
-    # An `old` left alone by a crash between the renames is the only good copy: it goes only
-    # once `current` exists again.
-    current, old = run_dir / STATE, run_dir / _OLD
-    if current.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(current, old)
-    os.replace(tmp, current)
-    _fsync_dir(run_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
+    def fill(tmp: Path) -> None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in raw.state_dict().items()}, str(tmp / "model.safetensors"))
+        save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
+        save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "trainer.json").write_text(json.dumps({
+            "step": step, "ema_updates": ema.updates, "scheduler": scheduler.state_dict()}))
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_dir(run_dir / STATE, fill, replace=True)
 
 
 def load_state(run_dir: Path, accelerator, model, ema, optimizer, scheduler) -> int:
@@ -104,6 +85,6 @@ def load_state(run_dir: Path, accelerator, model, ema, optimizer, scheduler) -> 
         step = int(meta["step"])
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError, pickle.UnpicklingError) as e:
         raise DiffxError(f"resume state {folder} is unreadable or does not fit this config "
-                         f"({(str(e).strip().splitlines() or [type(e).__name__])[0]}); "
+                         f"({first_line(e)}); "
                          "resume with the run's own config, or start a new run") from None
     return step

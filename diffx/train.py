@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffx import checkpoint, conditioning
 from diffx.build import DataSpec, build, parts_config
 from diffx.ema import EMA
+from diffx.latent import encode_once
 from diffx.errors import DiffxError
 from diffx.progress import TrainProgress
 from diffx.resume import EpochSampler, load_state, save_state, state_exists
@@ -29,29 +30,36 @@ def train(cfg: DictConfig) -> Path:
     """Train the configured model; returns the run directory holding ``model.safetensors``."""
     tc = cfg.train
     run_dir = Path(cfg.run_dir)
-    accelerator = Accelerator(mixed_precision=tc.mixed_precision, cpu=tc.get("cpu", False))
+    # The loop steps the LR schedule once per optimizer step; Accelerate's default would step it once
+    # per process, running the schedule N times too fast on N processes.
+    accelerator = Accelerator(mixed_precision=tc.mixed_precision, cpu=tc.cpu, step_scheduler_with_optimizer=False)
     set_seed(cfg.seed, device_specific=True)
 
-    # 1. data and the shapes it decides
+    # 1. data and the shapes it decides, then the parts built for them
     data = instantiate(cfg.data)
     spec = DataSpec.of(data)
     if len(data.dataset) < tc.batch_size:
         raise DiffxError(f"train.batch_size={tc.batch_size} is larger than the dataset ({len(data.dataset)} images)")
-    sampler = EpochSampler(len(data.dataset), seed=cfg.seed)
-    loader = torch.utils.data.DataLoader(data.dataset, batch_size=tc.batch_size, sampler=sampler, drop_last=True,
+    parts = build(cfg, spec)
+    model, objective, latent, condition = parts.model, parts.objective, parts.latent, parts.condition
+    latent.to(accelerator.device)
+
+    # 2. the loader; the latent space says whether its encodings can be cached: then the data is
+    # encoded once here, else every batch in the loop
+    dataset = encode_once(latent, data.dataset, accelerator.device) if latent.cache else data.dataset
+    to_x0 = _identity if latent.cache else latent.encode
+    sampler = EpochSampler(len(dataset), seed=cfg.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, drop_last=True,
                                          num_workers=tc.num_workers,
                                          # its own generator: starting an epoch must not draw from the
                                          # global RNG, or a resumed run would diverge from a straight one
                                          generator=torch.Generator().manual_seed(cfg.seed))
 
-    # 2. parts, optimizer, warm-up
-    parts = build(cfg, spec)
-    model, objective, latent, condition = parts.model, parts.objective, parts.latent, parts.condition
+    # 3. optimizer and learning-rate schedule
     ema = EMA(model, tc.ema_decay)
     optimizer = instantiate(cfg.optimizer, params=model.parameters())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, tc.warmup)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, instantiate(cfg.lr_schedule, warmup=tc.warmup, total=tc.steps))
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    latent.to(accelerator.device)
     ema.model.to(accelerator.device)
 
     step = 0
@@ -75,12 +83,12 @@ def train(cfg: DictConfig) -> Path:
     null = condition.null(tc.batch_size, accelerator.device)
     accelerator.print(_summary(accelerator.unwrap_model(model), data, spec, condition, tc, step, accelerator))
 
-    # 3. the loop
+    # 4. the loop
     model.train()
     with TrainProgress(tc.steps, start=step, enabled=accelerator.is_main_process) as progress:
         while step < tc.steps:
             batch = next(batches)
-            x0 = latent.encode(batch["x"])
+            x0 = to_x0(batch["x"])
             # Labels or captions -> cond; the null one (label -1, empty prompt) replaces it at rate cond_drop.
             cond = conditioning.drop(condition(batch, accelerator.device), tc.cond_drop, null)
             loss = objective.loss(model, x0, cond).mean()
@@ -121,6 +129,10 @@ def train(cfg: DictConfig) -> Path:
     if accelerator.is_main_process:
         accelerator.print(f"saved {run_dir / 'model.safetensors'} (step {step})")
     return run_dir
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def _summary(model, data, spec: DataSpec, condition, tc, step: int, accelerator) -> str:

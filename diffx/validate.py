@@ -11,16 +11,13 @@ Importing this module is cheap (no torch), so the CLI reports a bad override at 
 
 from __future__ import annotations
 
-import inspect
-import types
-import typing
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from diffx.config import options_with_key
-from diffx.errors import DiffxError
+from diffx.errors import DiffxError, as_diffx_error, first_line
+from diffx.trust import check_params
 
 # (key, integer?, lowest allowed, highest allowed, is the lowest itself allowed?)
 _TRAIN_NUMBERS = [
@@ -53,6 +50,7 @@ _CALIBRATE_NUMBERS = _SAMPLE_NUMBERS[:2] + _SAMPLE_NUMBERS[3:] + [
     ("lr", False, 0, None, True),
     ("t_lr", False, 0, None, True),
 ]
+_NULLABLE = {"steps"}  # null: the sampler's default (diffx.samplers.plan)
 _PATH_KEYS = ("path", "ckpt", "checkpoint")  # keys (or *_path, *_ckpt ...) that must name an existing file
 
 
@@ -64,23 +62,12 @@ def validate(cfg: DictConfig, command: str) -> None:
     except DiffxError:
         raise
     except OmegaConfBaseException as e:  # a bad interpolation, a missing value read by a check
-        raise DiffxError(f"{e.full_key or 'config'}: {_first_line(e)}") from None
+        raise DiffxError(f"{e.full_key or 'config'}: {first_line(e)}") from None
     except Exception as e:  # noqa: BLE001 - a part's constructor wrapped by Hydra
         cause = as_diffx_error(e)
         if cause is None:
             raise
         raise cause from None
-
-
-def as_diffx_error(e: BaseException) -> DiffxError | None:
-    """The DiffxError behind ``e`` (Hydra wraps a constructor's error in InstantiationException)."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, DiffxError):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
 
 
 def _check_train(cfg: DictConfig) -> None:
@@ -93,7 +80,7 @@ def _check_train(cfg: DictConfig) -> None:
         from diffx.resume import check_resumable
 
         check_resumable(cfg.resume)
-    for key in ("model", "objective", "schedule", "latent", "text_encoder"):
+    for key in ("model", "objective", "schedule", "latent", "text_encoder", "lr_schedule"):
         if isinstance(cfg.get(key), DictConfig):
             check_params(cfg[key], key)
     _dry_build(cfg)
@@ -120,19 +107,18 @@ def _check_sample(cfg: DictConfig, numbers=_SAMPLE_NUMBERS) -> None:
 
 
 def _check_calibrate(cfg: DictConfig) -> None:
-    """``diffx sample``'s checks, then: the base sampler can be traced (``learned.trace`` refuses a
-    stochastic one; a two-step trace on a stand-in schedule costs nothing) and is not a fitted one."""
-    from hydra.utils import instantiate
-
-    from diffx import grids, learned, schedules
+    """``diffx sample``'s checks, then: the base sampler's plan can be made (a fitted solver's steps
+    agree with ``steps``) and the sampler declares itself deterministic, so it can be traced."""
+    from diffx import schedules
+    from diffx.generate import sampling_plan
 
     if not isinstance(cfg.learn_times, bool):
         raise DiffxError(f"learn_times={cfg.learn_times}: expected true or false")
     _check_sample(cfg, _CALIBRATE_NUMBERS)
-    if cfg.sampler._target_ == "diffx.learned.load":
-        raise DiffxError("sampler=learned: calibrate starts from a classical sampler (ddim, euler, heun, dpmpp, "
-                         "dpmpp_3m, unipc, ipndm), not from a fitted one")
-    learned.trace(instantiate(cfg.sampler), schedules.FlowLinear(), grids.uniform(2))
+    plan = sampling_plan(cfg, schedules.FlowLinear())  # a stand-in schedule: the grid is not used here
+    if not plan.deterministic:
+        raise DiffxError(f"sampler={plan.name} is stochastic: calibrate starts from a deterministic sampler, "
+                         "whose steps are a linear map of the start noise")
 
 
 def _check_other(cfg: DictConfig) -> None:
@@ -161,6 +147,8 @@ def _check_missing(cfg: DictConfig) -> None:
 def _check_numbers(cfg: DictConfig, table) -> None:
     for key, integer, lo, hi, lo_ok in table:
         v = OmegaConf.select(cfg, key)
+        if v is None and key in _NULLABLE:
+            continue
         kind = "an integer" if integer else "a number"
         is_number = isinstance(v, int if integer else (int, float)) and not isinstance(v, bool)
         in_range = is_number and (v >= lo if lo_ok else v > lo) and (hi is None or v <= hi)
@@ -180,72 +168,6 @@ def _check_paths(cfg: DictConfig) -> None:
                     raise DiffxError(f"{part}.{k}={v}: no such file or directory")
 
 
-def check_params(node: DictConfig, key: str) -> None:
-    """Every key of a ``_target_`` node must be a parameter of its target, of the annotated type
-    when that is a plain one (recursively): ``objective.prediction`` on ``objective=flow`` or
-    ``model.channels=abc`` fail here, naming the key, instead of as a TypeError deep in Hydra."""
-    from hydra.utils import get_object
-
-    target = node.get("_target_")
-    if target is None:  # a plain mapping (e.g. text_encoder.encoders): its entries may have targets
-        for k in node:
-            if not OmegaConf.is_interpolation(node, k) and isinstance(node[k], DictConfig):
-                check_params(node[k], f"{key}.{k}")
-        return
-    try:
-        params = _signature(get_object(target)).parameters
-    except Exception as e:  # noqa: BLE001 - an import error, a typo in _target_
-        raise DiffxError(f"{key}._target_={target}: cannot import it ({_first_line(e)})") from None
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    for k in node:
-        if isinstance(k, str) and k.startswith("_"):
-            continue
-        if not takes_any and k not in params:
-            option = _choice(key)
-            others = [o for o in options_with_key(key.replace(".", "/"), k) if o != option]
-            hint = f"; {k} is a key of {', '.join(f'{key}={o}' for o in others)}" if others else ""
-            takes = ", ".join(p for p in params if not p.startswith("_"))
-            raise DiffxError(f"{key}.{k} is not a parameter of {key}={option or target} "
-                             f"({target} takes {takes}){hint}")
-        if OmegaConf.is_interpolation(node, k):  # its value is checked where it is defined
-            continue
-        value = node[k]
-        if isinstance(value, DictConfig):
-            check_params(value, f"{key}.{k}")
-        elif k in params and not _type_ok(value, params[k].annotation):
-            raise DiffxError(f"{key}.{k}={value}: expected {_type_name(params[k].annotation)} "
-                             f"(a parameter of {target})")
-
-
-def _signature(obj) -> inspect.Signature:
-    try:
-        return inspect.signature(obj, eval_str=True)  # the modules use `from __future__ import annotations`
-    except Exception:  # noqa: BLE001 - an annotation that does not evaluate: check names only
-        return inspect.signature(obj)
-
-
-_PLAIN = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-
-
-def _type_ok(value, annotation) -> bool:
-    """Only plain annotations (int, float, bool, str, and unions of them) are checked; null is left
-    to the target, as many parameters take it whatever their annotation says."""
-    if value is None:
-        return True
-    kinds = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or \
-        typing.get_origin(annotation) is typing.Union else (annotation,)
-    if not all(k in _PLAIN or k is type(None) for k in kinds):
-        return True
-    return any((k is int and isinstance(value, int) and not isinstance(value, bool))
-               or (k is float and isinstance(value, (int, float)) and not isinstance(value, bool))
-               or (k in (bool, str) and isinstance(value, k)) for k in kinds)
-
-
-def _type_name(annotation) -> str:
-    kinds = typing.get_args(annotation) or (annotation,)
-    return " or ".join(_PLAIN[k] for k in kinds if k in _PLAIN)
-
-
 def _dry_build(cfg: DictConfig) -> None:
     """Run the parts' own shape and option checks now: schedule and objective are cheap to build
     for real; the model is built on the meta device, which allocates no memory."""
@@ -254,6 +176,7 @@ def _dry_build(cfg: DictConfig) -> None:
 
     schedule = instantiate(cfg.schedule)
     instantiate(cfg.objective, schedule=schedule)
+    instantiate(cfg.lr_schedule, warmup=cfg.train.warmup, total=cfg.train.steps)
     # The latent's downsampling as a class attribute; a latent that only knows it once loaded
     # (a VAE) leaves the model's size check to the real build.
     factor = getattr(get_object(cfg.latent._target_), "factor", None)
@@ -266,16 +189,3 @@ def _dry_build(cfg: DictConfig) -> None:
     with torch.device("meta"):
         # in_channels=3 (RGB) and no classes: the channel and class counts change no shape check.
         instantiate(cfg.model, in_channels=3, image_size=size // factor, num_classes=0)
-
-
-def _choice(key: str) -> str | None:
-    """The option chosen for group ``key`` (``objective`` -> ``flow``) when run by Hydra."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return None
-    return HydraConfig.get().runtime.choices.get(key.replace(".", "/"))
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]

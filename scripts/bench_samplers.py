@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 
-from diffx import grids, learned, samplers, schedules
+from diffx import grids, samplers, schedules
+from diffx.samplers import learned
 from diffx.objectives import DDPM, Flow
 from diffx.time_sampling import uniform as uniform_t
 

@@ -10,7 +10,7 @@ ODE keeps ``(x_t - alpha mu) / sqrt(alpha^2 s^2 + sigma^2)`` constant: its solut
 
 import torch
 
-from diffx.objectives import bcast
+from diffx.tensors import bcast
 
 
 def gaussian(xt, alpha, sigma, mu=0.5, s=0.3):

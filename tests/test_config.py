@@ -75,7 +75,8 @@ def test_option_composes_and_instantiates(group, option, tmp_path, request):
         schedule = instantiate(train_cfg.schedule)
         extra = []
         if (group, option) == ("sampler", "learned"):  # a solver file, as `diffx calibrate` writes
-            from diffx import grids, learned, samplers
+            from diffx import grids, samplers
+            from diffx.samplers import learned
 
             learned.save(tmp_path / "solver.safetensors", learned.trace(samplers.unipc, schedule, grids.uniform(8, schedule)))
             extra = [f"sampler.path={tmp_path / 'solver.safetensors'}"]

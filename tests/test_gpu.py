@@ -38,7 +38,7 @@ def test_fitted_solver_on_cuda_matches_cpu():
     from analytic import AnalyticModel, two_point_mixture
     from conftest import make_objective
 
-    from diffx import learned
+    from diffx.samplers import learned
 
     obj = make_objective("flow", "linear")
     base = learned.trace(samplers.unipc, obj.schedule, grids.uniform(5, obj.schedule))

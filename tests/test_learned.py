@@ -1,4 +1,4 @@
-"""The fitted linear solver (diffx.learned): exact tracing of the classical samplers, a fit that lowers
+"""The fitted linear solver (diffx.samplers.learned): exact tracing of the classical samplers, a fit that lowers
 the held-out error, safe solver files, and ``diffx calibrate`` -> ``diffx sample sampler=learned``."""
 
 import math
@@ -8,7 +8,8 @@ import torch
 from analytic import AnalyticModel, gaussian, two_point_mixture
 from conftest import make_objective
 
-from diffx import grids, learned, samplers
+from diffx import grids, samplers
+from diffx.samplers import learned
 from diffx.errors import DiffxError
 
 DETERMINISTIC = ["ddim", "euler", "heun", "dpmpp", "dpmpp_3m", "unipc", "ipndm"]

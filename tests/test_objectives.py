@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import make_objective
-from diffx.objectives import bcast
+from diffx.tensors import bcast
 
 CASES = [("ddpm", s, p) for s in ("linear", "cosine") for p in ("eps", "v", "x0")] + \
         [("flow", s, None) for s in ("linear", "cosine")]

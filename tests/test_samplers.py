@@ -173,7 +173,7 @@ def test_cfg_is_one_batched_forward_and_extrapolates():
 
 def test_multistep_weights_integrate_polynomials_exactly():
     """The phi-integral weights reproduce int_0^1 H e^(-H (1 - r)) r^k dr for k < nodes (3+ nodes)."""
-    from diffx.multistep import weights
+    from diffx.samplers.multistep import weights
 
     for H in (0.05, 0.7, 3.0):
         v = [0.0, -0.8, -1.9, 1.0]

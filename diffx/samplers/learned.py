@@ -26,11 +26,15 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from diffx import grids
 from diffx.errors import DiffxError
+from diffx.samplers import multistep
+from diffx.samplers.plan import is_deterministic, name_of
 
 FORMAT = "diffx.linear_solver"
 
@@ -43,15 +47,25 @@ class LinearSolver:
     ts: Tensor
     C: Tensor
     meta: dict = field(default_factory=dict)
+    deterministic: ClassVar[bool] = True  # a linear map of the start noise (diffx.samplers.plan)
 
     @property
     def steps(self) -> int:
         return len(self.ts)
 
+    @property
+    def name(self) -> str:
+        return f"learned({self.meta.get('base', '?')})"
+
+    @property
+    def grid(self) -> str | None:
+        """The grid the base sampler's call times came from, before fitting."""
+        return self.meta.get("grid")
+
     def __call__(self, denoise, schedule=None, x: Tensor | None = None, ts=None, generator=None) -> Tensor:
-        """The sampler signature; the grid ``ts`` is the solver's own, so the one passed is ignored."""
+        """The sampler signature, at call times ``ts`` (default: the solver's own, ``self.ts``)."""
         with torch.no_grad():
-            return rollout(denoise, self.C, self.ts, x)
+            return rollout(denoise, self.C, self.ts if ts is None else ts, x)
 
 
 def rollout(denoise, C: Tensor, ts: Tensor, z: Tensor) -> Tensor:
@@ -75,19 +89,17 @@ def trace(sampler, schedule, ts: Tensor) -> LinearSolver:
 
     The sampler runs on coefficient vectors: the start "noise" is the basis vector e_0 and the k-th
     denoiser call returns e_k as x0_hat (and the noise_hat that follows from x and x0_hat on the
-    path), so every point it reaches is its own row of C. A stochastic sampler is refused: it is not
-    a function of the start noise alone.
+    path), so every point it reaches is its own row of C. A sampler that declares itself stochastic
+    (``diffx.samplers.plan``) is refused: it is not a function of the start noise alone.
     """
-    rows = [_trace_rows(sampler, schedule, ts, seed) for seed in (0, 1)]
-    if not torch.allclose(rows[0][1], rows[1][1]):
-        name = getattr(getattr(sampler, "func", sampler), "__name__", sampler)  # a Hydra partial or a function
-        raise DiffxError(f"sampler={name} is stochastic: only a deterministic sampler "
-                         "(ddim, euler, heun, dpmpp, dpmpp_3m, unipc, ipndm) can be traced and fitted")
-    call_ts, C = rows[0]
+    if not is_deterministic(sampler):
+        raise DiffxError(f"sampler={name_of(sampler)} is stochastic: only a deterministic sampler "
+                         "can be traced and fitted")
+    call_ts, C = _trace_rows(sampler, schedule, ts)
     return LinearSolver(call_ts, C, {"base_steps": len(ts) - 1})
 
 
-def _trace_rows(sampler, schedule, ts: Tensor, seed: int) -> tuple[Tensor, Tensor]:
+def _trace_rows(sampler, schedule, ts: Tensor, seed: int = 0) -> tuple[Tensor, Tensor]:
     n_max = 4 * len(ts)  # no sampler calls the model more than twice a step
     calls: list[tuple[float, Tensor]] = []
 
@@ -115,8 +127,6 @@ def reference(denoise, schedule, z: Tensor, steps: int = 200) -> Tensor:
     """The model's own ODE endpoint from ``z``, to high accuracy: UniPC order 3 (4th order with its
     corrector) on ``steps`` log-SNR-uniform steps. On the exact mixture model of the benchmark this is
     within 1e-3 RMS of a DOP853 solve at 100 steps and more (scripts/bench_samplers.py)."""
-    from diffx import grids, multistep
-
     return multistep.unipc(denoise, schedule, z, grids.logsnr(steps, schedule), order=3)
 
 
@@ -201,7 +211,7 @@ def save(path, solver: LinearSolver) -> None:
     """Atomically write ``{"ts", "C"}`` and the JSON metadata as a safetensors file."""
     from safetensors.torch import save_file
 
-    from diffx.checkpoint import atomic_write
+    from diffx.atomic import atomic_write
 
     tensors = {"ts": solver.ts.double().contiguous().cpu(), "C": solver.C.double().contiguous().cpu()}
     metadata = {"format": FORMAT, "meta": json.dumps(solver.meta, sort_keys=True)}

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from diffx.noise import randn
+from diffx.samplers.plan import declare
 
 
 def weights(H: float, v: list[float]) -> list[float]:
@@ -103,23 +104,27 @@ def multistep(denoise, schedule, x: Tensor, ts: Tensor, generator=None, order: i
     return x
 
 
+@declare(deterministic=True)
 def dpmpp(denoise, schedule, x: Tensor, ts: Tensor, generator=None) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): the midpoint rule on the line through the last two x0_hat."""
     return multistep(denoise, schedule, x, ts, generator, order=2)
 
 
+@declare(deterministic=lambda options: options["eta"] == 0)
 def dpmpp_sde(denoise, schedule, x: Tensor, ts: Tensor, generator=None, eta: float = 1.0) -> Tensor:
     """DPM-Solver++(2M) SDE (Lu et al. 2022, sec. 4; k-diffusion's ``sample_dpmpp_2m_sde``, midpoint):
     each step also injects ``sigma_s sqrt(1 - e^(-2 eta h))`` fresh noise; ``eta = 0`` is ``dpmpp``."""
     return multistep(denoise, schedule, x, ts, generator, order=2, eta=eta)
 
 
+@declare(deterministic=True)
 def dpmpp_3m(denoise, schedule, x: Tensor, ts: Tensor, generator=None) -> Tensor:
     """DPM-Solver++(3M) (Lu et al. 2022, sec. 3.3 and App. B): the exact phi-integral of the parabola
     through the last three x0_hat (diffusers and k-diffusion weight its curvature term by half of it)."""
     return multistep(denoise, schedule, x, ts, generator, order=3)
 
 
+@declare(deterministic=True)
 def unipc(denoise, schedule, x: Tensor, ts: Tensor, generator=None, order: int = 2) -> Tensor:
     """UniPC-bh2 (Zhao et al. 2023): an ``order`` predictor and the UniC corrector, which raises the
     order by one at no extra model call; diffusers' ``UniPCMultistepScheduler`` with its defaults."""
@@ -130,6 +135,7 @@ def unipc(denoise, schedule, x: Tensor, ts: Tensor, generator=None, order: int =
 _AB = {1: [1.0], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
 
 
+@declare(deterministic=True)
 @torch.no_grad()
 def ipndm(denoise, schedule, x: Tensor, ts: Tensor, generator=None, order: int = 4) -> Tensor:
     """iPNDM (Zhang & Chen 2023, DEIS, App. B; Zhou et al. 2024): Adams-Bashforth on the probability-flow
