@@ -92,3 +92,15 @@ def test_no_command_imports_another_command():
     graph = _graph()
     crossings = sorted(f"{a} -> {b}" for a in COMMANDS & graph.keys() for b in graph[a] & COMMANDS)
     assert not crossings, f"a command imports another command: {', '.join(crossings)}"
+
+
+def test_parts_are_told_apart_by_what_they_declare_not_by_their_class():
+    """Condition sources declare ``guidable`` / ``tells``; samplers declare ``deterministic`` and a fitted
+    one its own ``ts``: no code asks for a class or a ``_target_`` string to decide."""
+    import re
+
+    pattern = re.compile(r"type\(.*\) is |isinstance\([^,]+, *\(?(conditioning\.|Labels|Text|Unconditional|"
+                         r"LinearSolver)|_target_ ==")
+    found = [f"{path.name}:{i}" for path in _modules().values()
+             for i, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not found, found
