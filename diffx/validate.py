@@ -86,10 +86,13 @@ def _check_train(cfg: DictConfig) -> None:
     _dry_build(cfg)
 
 
-def _check_sample(cfg: DictConfig, numbers=_SAMPLE_NUMBERS) -> None:
+def _check_sample(cfg: DictConfig, numbers=_SAMPLE_NUMBERS):
+    """Returns the sampling plan on a stand-in schedule: the sampler (a fitted solver's file too), its
+    grid and ``steps`` are checked before the checkpoint loads."""
     import torch
 
-    from diffx import checkpoint
+    from diffx import checkpoint, schedules
+    from diffx.generate import sampling_plan
 
     _check_missing(cfg)
     _check_numbers(cfg, numbers)
@@ -104,31 +107,31 @@ def _check_sample(cfg: DictConfig, numbers=_SAMPLE_NUMBERS) -> None:
     # Header and metadata only: a wrong or corrupt file fails before any weight is read. Whether the
     # model is conditional (for cfg) is the condition source's call, made in sample() once it is built.
     checkpoint.read_header(cfg.ckpt)
+    return sampling_plan(cfg, schedules.FlowLinear())  # the stand-in's times are not used
 
 
 def _check_calibrate(cfg: DictConfig) -> None:
     """``diffx sample``'s checks, then: the base sampler's plan can be made (a fitted solver's steps
     agree with ``steps``) and the sampler declares itself deterministic, so it can be traced."""
-    from diffx import schedules
-    from diffx.generate import sampling_plan
-
     if not isinstance(cfg.learn_times, bool):
         raise DiffxError(f"learn_times={cfg.learn_times}: expected true or false")
-    _check_sample(cfg, _CALIBRATE_NUMBERS)
-    plan = sampling_plan(cfg, schedules.FlowLinear())  # a stand-in schedule: the grid is not used here
+    plan = _check_sample(cfg, _CALIBRATE_NUMBERS)
     if not plan.deterministic:
         raise DiffxError(f"sampler={plan.name} is stochastic: calibrate starts from a deterministic sampler, "
                          "whose steps are a linear map of the start noise")
 
 
 def _check_other(cfg: DictConfig) -> None:
-    """Any other command (``diffx eval``): required values, the sampler's keys, the checkpoint's header."""
-    from diffx import checkpoint
+    """Any other command (``diffx eval``): required values, the sampler's keys and plan, the checkpoint's header."""
+    from diffx import checkpoint, schedules
+    from diffx.generate import sampling_plan
 
     _check_missing(cfg)
     for key in ("sampler", "grid"):
         if isinstance(cfg.get(key), DictConfig):
             check_params(cfg[key], key)
+    if isinstance(cfg.get("sampler"), DictConfig) and isinstance(cfg.get("grid"), DictConfig):
+        sampling_plan(cfg, schedules.FlowLinear())
     if isinstance(cfg.get("ckpt"), str):
         checkpoint.read_header(cfg.ckpt)
 
