@@ -116,6 +116,7 @@ def load(path, device=None) -> tuple[Parts, Checkpoint]:
     except RuntimeError as e:
         raise DiffxError(f"{where}: weights do not fit its stored model config ({first_line(e)})") from None
     parts.model.to(device).eval().requires_grad_(False)
+    parts.latent.to(device)
     return parts, ckpt
 
 

@@ -57,6 +57,10 @@ class HeldImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def fingerprint(self) -> str:
+        """sha256 of the pixels: the key of cached encodings of this exact data (diffx.latent)."""
+        return hashlib.sha256(self.images.contiguous().numpy().tobytes()).hexdigest()
+
     def __getitem__(self, i: int) -> dict:
         x = self.images[i].float() / 127.5 - 1.0
         return {"x": x, "label": int(self.labels[i]), "caption": self.captions[i]}

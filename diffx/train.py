@@ -73,6 +73,7 @@ def train(cfg: DictConfig) -> Path:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     parts_cfg = parts_config(cfg)
+    parts_cfg["latent"].update(latent.record())  # e.g. the VAE's sha256: sampling refuses another VAE
     log_path = run_dir / "log.jsonl"
     batches = _batches(loader, sampler, start=step)
     sums = torch.zeros(2, device=accelerator.device)  # [loss, grad norm] summed over the log window
@@ -81,7 +82,7 @@ def train(cfg: DictConfig) -> Path:
     # Every batch has the same size (drop_last), so the null condition is encoded once, not per step.
     condition.prepare(data.dataset.captions, accelerator.device)
     null = condition.null(tc.batch_size, accelerator.device)
-    accelerator.print(_summary(accelerator.unwrap_model(model), data, spec, condition, tc, step, accelerator))
+    accelerator.print(_summary(accelerator.unwrap_model(model), parts, len(data.dataset), tc, step, accelerator))
 
     # 4. the loop
     model.train()
@@ -135,14 +136,16 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _summary(model, data, spec: DataSpec, condition, tc, step: int, accelerator) -> str:
+def _summary(model, parts, n_images: int, tc, step: int, accelerator) -> str:
     """One line before the loop: what will run, and where."""
     params = sum(p.numel() for p in model.parameters())
-    start = f", resuming at step {step}" if step else ""
+    spec, start = parts.spec, f", resuming at step {step}" if step else ""
     ranks = f" per process x {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""
+    shape = (spec.channels, spec.image_size, spec.image_size)
+    space = "" if parts.x0_shape == shape else f" in a {type(parts.latent).__name__} latent space {'x'.join(map(str, parts.x0_shape))}"
     return (f"training {type(getattr(model, 'net', model)).__name__} ({params / 1e6:.2f} M parameters) on "
-            f"{len(data.dataset)} images {spec.channels}x{spec.image_size}x{spec.image_size} "
-            f"(condition: {condition.description}): {tc.steps} steps{start}, batch {tc.batch_size}{ranks}, "
+            f"{n_images} images {'x'.join(map(str, shape))}{space} "
+            f"(condition: {parts.condition.description}): {tc.steps} steps{start}, batch {tc.batch_size}{ranks}, "
             f"device {accelerator.device}, precision {accelerator.mixed_precision}")
 
 

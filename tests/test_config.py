@@ -39,8 +39,18 @@ def hf_dirs(tmp_path_factory):
     return tiny_hf.save_all(tmp_path_factory.mktemp("hf"))
 
 
+@pytest.fixture(scope="module")
+def diffusers_vae_dir(tmp_path_factory):
+    """A tiny random diffusers AutoencoderKL saved locally (no network), for latent=diffusers_vae."""
+    from tiny_vae import save_diffusers_vae
+
+    return save_diffusers_vae(tmp_path_factory.mktemp("vae"))
+
+
 # Options with a required (???) key: the overrides that fill it, from the fixtures they need.
 REQUIRED = {
+    ("latent", "diffusers_vae"): lambda f: [f"latent.path={f('diffusers_vae_dir')}",
+                                            f"latent.cache_dir={f('tmp_path') / 'latents'}"],
     ("data", "imagefolder"): lambda f: [f"data.path={f('image_dir')}"],
     ("text_encoder", "hf"): lambda f: [f"text_encoder.path={f('hf_dirs')['clip']}"],
     ("text_encoder", "clip_t5"): lambda f: [f"text_encoder.encoders.clip.path={f('hf_dirs')['clip']}",

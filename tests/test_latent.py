@@ -59,3 +59,78 @@ def test_a_checkpoint_naming_a_latent_diffx_does_not_ship_is_refused(tmp_path):
                     DataSpec(3, 8), step=0)
     with pytest.raises(DiffxError, match="not a diffx class for latent"):
         checkpoint.load(tmp_path / "m.safetensors")
+
+
+# --- latent=diffusers_vae: a local AutoencoderKL folder -------------------------------------------------
+
+def test_a_diffusers_vae_declares_its_shape_scale_and_shift(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from diffx.latent import DiffusersVAE
+    from tiny_vae import save_diffusers_vae
+
+    folder = save_diffusers_vae(tmp_path / "vae")
+    latent = DiffusersVAE(str(folder))
+    assert (latent.factor, latent.scale, latent.shift, latent.cache) == (2, 0.5, 0.1, True)
+    assert latent.shape(3, 16) == (4, 8, 8) and latent.x0_range is None
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    x0 = latent.encode(x)
+    # x0 is the scaled posterior mean, which decode undoes before the decoder
+    ref = AutoencoderKL.from_pretrained(str(folder))
+    torch.testing.assert_close(x0 / 0.5 + 0.1, ref.encode(x).latent_dist.mean)
+    torch.testing.assert_close(latent.decode(x0), ref.decode(x0 / 0.5 + 0.1).sample.clamp(-1, 1))
+
+
+def test_a_diffusers_vae_is_refused_without_safetensors_or_with_other_weights(tmp_path):
+    import pytest
+
+    from diffx.errors import DiffxError
+    from diffx.latent import DiffusersVAE
+    from tiny_vae import save_diffusers_vae
+
+    pickled = save_diffusers_vae(tmp_path / "pickled", safetensors=False)  # a .bin: never unpickled
+    with pytest.raises(DiffxError, match="expected a diffusers AutoencoderKL folder"):
+        DiffusersVAE(str(pickled))
+    good = DiffusersVAE(str(save_diffusers_vae(tmp_path / "a", seed=0)))
+    with pytest.raises(DiffxError, match="not the ones the model was trained with"):
+        DiffusersVAE(str(save_diffusers_vae(tmp_path / "b", seed=1)), sha256=good.sha256)
+    with pytest.raises(DiffxError, match="latent.path="):
+        DiffusersVAE(str(tmp_path / "missing"))
+
+
+def test_latent_diffusion_trains_caches_samples_and_pins_its_vae(tmp_path, monkeypatch):
+    """latent=diffusers_vae end to end: the model is built for the latents, the training set is encoded
+    once and read back from the disk cache by the next run, sampling decodes to the data's size, and
+    the checkpoint refuses a different VAE at the same path."""
+    import shutil
+
+    import pytest
+
+    from diffx import generate, latent
+    from diffx.errors import DiffxError
+    from diffx.train import train
+    from tiny_vae import save_diffusers_vae
+
+    folder = save_diffusers_vae(tmp_path / "vae")
+    base = [o for o in TINY_TRAIN if not o.startswith("data.size")] + [
+        "data.size=16", "latent=diffusers_vae", f"latent.path={folder}", f"latent.cache_dir={tmp_path / 'latents'}",
+        f"data.cache_dir={tmp_path / 'shapes'}"]
+    run = train(compose_config("train", base + [f"run_dir={tmp_path / 'run'}"]))
+    assert len(list((tmp_path / "latents").glob("*.safetensors"))) == 1
+
+    calls = []
+    original = latent.DiffusersVAE.encode
+    monkeypatch.setattr(latent.DiffusersVAE, "encode", lambda self, x: calls.append(len(x)) or original(self, x))
+    train(compose_config("train", base + [f"run_dir={tmp_path / 'again'}"]))
+    assert calls == []  # the second run read the cached encodings
+
+    parts, ckpt = checkpoint.load(run / "model.safetensors")
+    assert parts.x0_shape == (4, 8, 8) and ckpt.parts["latent"]["sha256"] == parts.latent.sha256
+    plan = generate.sampling_plan(compose_config("sample", ["steps=2"]), parts.objective.schedule)
+    images, _ = generate.generate(parts, plan, generate.Request([0, 1], [0, 1]), 2, "cpu")
+    assert images.shape == (2, 16, 16, 3)
+
+    shutil.rmtree(folder)
+    save_diffusers_vae(folder, seed=1)  # other weights at the same path
+    with pytest.raises(DiffxError, match="not the ones the model was trained with"):
+        checkpoint.load(run / "model.safetensors")
