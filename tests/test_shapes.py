@@ -43,7 +43,7 @@ def test_render_is_deterministic_uint8_with_a_plain_background():
     assert (a[0, 0] == S.BACKGROUND).all()
 
 
-@pytest.mark.parametrize("size", [16, 32])
+@pytest.mark.parametrize("size", [16, 32, 64])
 def test_shapes_stay_inside_the_image_at_the_worst_jitter(size):
     # A clipped shape would lose coverage. Anchors are a whole number of pixels apart at these
     # sizes, so the same shape at the centre has the same sub-pixel phase and exactly its coverage.
@@ -58,7 +58,7 @@ def test_shapes_stay_inside_the_image_at_the_worst_jitter(size):
         assert coverage(S.render(attrs, size, jitter)) == pytest.approx(coverage(centred), rel=1e-3), attrs
 
 
-@pytest.mark.parametrize("size", [16, 32])
+@pytest.mark.parametrize("size", [16, 32, 64])
 def test_reader_reads_every_attribute_set_including_extra_shapes_and_colors(size):
     rng = np.random.default_rng(0)
     shapes, colors = S.KNOWN_SHAPES, tuple(S.PALETTE)
