@@ -186,11 +186,11 @@ def _parse_metadata(meta: dict, where: str) -> tuple[dict, DataSpec, int]:
     bad = [k for k in REQUIRED_PARTS if not isinstance(parts.get(k), dict)]
     _expect(not bad, where, f"metadata config lacks the {bad} section(s)")
     _expect(isinstance(spec_d, dict), where, "metadata spec is not a JSON object")
-    spec = _parse_spec(spec_d, where)
+    spec = parse_spec(spec_d, where)
     return parts, spec, step
 
 
-def _parse_spec(d: dict, where: str) -> DataSpec:
+def parse_spec(d: dict, where: str) -> DataSpec:
     names = d.get("class_names", [])
     _expect(isinstance(names, list) and all(isinstance(n, str) for n in names), where,
             "metadata spec.class_names is not a list of strings")

@@ -16,10 +16,12 @@ COMMANDS = {
     "sample": ("diffx.sample", "sample", "sample PNGs and a grid from a checkpoint"),
     "calibrate": ("diffx.calibrate", "calibrate", "fit a sampler's coefficients and times to a checkpoint"),
     "eval": ("diffx.evaluate", "evaluate", "score prompt adherence of a checkpoint trained on data=shapes"),
+    "train-vae": ("diffx.train_vae", "train_vae", "train the KL autoencoder of latent diffusion (vae.safetensors)"),
+    "interpolate": ("diffx.interpolate", "interpolate", "slerp between two seeds' noises: a strip PNG and a GIF"),
 }
 
 USAGE = "usage: diffx <command> [key=value ...] [hydra flags: --help, --cfg job, -m] [--verbose]\n\ncommands:\n" + "".join(
-    f"  {name:<10} {desc}\n" for name, (_, _, desc) in COMMANDS.items()
+    f"  {name:<12} {desc}\n" for name, (_, _, desc) in COMMANDS.items()
 ) + "\nexample: diffx train model=unet objective=flow train.steps=1000\n"
 
 
@@ -73,7 +75,7 @@ def _run_hydra(command: str, args: list[str], verbose: bool) -> int:
     # us, and we print one line (or, when verbose, let the full trace through).
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
-        hydra.main(version_base=None, config_path=str(config_dir()), config_name=command)(job)()
+        hydra.main(version_base=None, config_path=str(config_dir()), config_name=command.replace("-", "_"))(job)()
     except SystemExit as e:  # --help, --cfg, Hydra's own usage errors
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except KeyboardInterrupt:

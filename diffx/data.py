@@ -66,6 +66,13 @@ class HeldImages(torch.utils.data.Dataset):
         return {"x": x, "label": int(self.labels[i]), "caption": self.captions[i]}
 
 
+def fit(im: Image.Image, size: int, mode: str = "RGB") -> Image.Image:
+    """``im`` converted to ``mode``, centre-cropped to a square and resized to ``size`` x ``size``
+    (Lanczos): how every image enters diffx, as training data and as a sampling input (``init_image=``,
+    ``mask=``). A no-op copy when the image already has the target size (shapes)."""
+    return ImageOps.fit(im.convert(mode), (size, size), Image.Resampling.LANCZOS)
+
+
 def _hold(ds: datasets.Dataset, size: int, class_names: list[str], on_error: str = "raise",
           where: str = "data") -> ImageData:
     """Decode every row of `ds` to RGB, centre-crop to a square, resize to `size`, and hold it.
@@ -81,8 +88,7 @@ def _hold(ds: datasets.Dataset, size: int, class_names: list[str], on_error: str
             advance()
             try:
                 with Image.open(io.BytesIO(ref["bytes"]) if ref["bytes"] else ref["path"]) as im:
-                    # fit() is a no-op copy when the image already has the target size (shapes).
-                    fitted = ImageOps.fit(im.convert("RGB"), (size, size), Image.Resampling.LANCZOS)
+                    fitted = fit(im, size)
             # PIL reports a broken file as any of these, depending on the format and where it breaks.
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 if on_error == "raise":

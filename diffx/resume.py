@@ -13,6 +13,7 @@ import pickle
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -88,3 +89,30 @@ def load_state(run_dir: Path, accelerator, model, ema, optimizer, scheduler) -> 
                          f"({first_line(e)}); "
                          "resume with the run's own config, or start a new run") from None
     return step
+
+
+def start(run_dir: Path, cfg, accelerator, model, ema, optimizer, scheduler) -> int:
+    """The step a run starts from: its resume state, if it has one, is loaded into the model, EMA,
+    optimizer and scheduler; a run dir that holds weights but no state is never overwritten. The main
+    process then writes the run's resolved ``config.yaml``."""
+    step = 0
+    if state_exists(run_dir):
+        step = load_state(run_dir, accelerator, model, ema, optimizer, scheduler)
+        accelerator.print(f"resuming {run_dir} at step {step}")
+    elif run_dir.exists() and any(run_dir.glob("*.safetensors")):
+        raise DiffxError(f"run dir {run_dir} holds weights but no resume state; refusing to overwrite it")
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return step
+
+
+def batches(loader, sampler: EpochSampler, start: int):
+    """An endless stream of batches that resumes at batch ``start`` of the same shuffled order."""
+    epoch, done = divmod(start, len(loader))
+    while True:
+        # Accelerate re-announces the loader's epoch to the sampler at each pass; keep them in step.
+        loader.set_epoch(epoch) if hasattr(loader, "set_epoch") else sampler.set_epoch(epoch)
+        sampler.skip = done * getattr(loader, "total_batch_size", loader.batch_size)
+        yield from loader
+        epoch, done = epoch + 1, 0

@@ -15,15 +15,15 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from diffx import checkpoint, conditioning
+from diffx import checkpoint, conditioning, resume
 from diffx.build import DataSpec, build, parts_config
 from diffx.ema import EMA
-from diffx.latent import encode_once
 from diffx.errors import DiffxError
+from diffx.latent import encode_once
 from diffx.progress import TrainProgress
-from diffx.resume import EpochSampler, load_state, save_state, state_exists
+from diffx.resume import EpochSampler, save_state
 
 
 def train(cfg: DictConfig) -> Path:
@@ -62,20 +62,12 @@ def train(cfg: DictConfig) -> Path:
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     ema.model.to(accelerator.device)
 
-    step = 0
-    if state_exists(run_dir):
-        step = load_state(run_dir, accelerator, model, ema, optimizer, scheduler)
-        accelerator.print(f"resuming {run_dir} at step {step}")
-    elif run_dir.exists() and any(run_dir.glob("*.safetensors")):
-        raise DiffxError(f"run dir {run_dir} holds a model but no resume state; refusing to overwrite it")
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    step = resume.start(run_dir, cfg, accelerator, model, ema, optimizer, scheduler)
 
     parts_cfg = parts_config(cfg)
     parts_cfg["latent"].update(latent.record())  # e.g. the VAE's sha256: sampling refuses another VAE
     log_path = run_dir / "log.jsonl"
-    batches = _batches(loader, sampler, start=step)
+    batches = resume.batches(loader, sampler, start=step)
     sums = torch.zeros(2, device=accelerator.device)  # [loss, grad norm] summed over the log window
     window_start, window_steps = time.perf_counter(), 0
 
@@ -147,14 +139,3 @@ def _summary(model, parts, n_images: int, tc, step: int, accelerator) -> str:
             f"{n_images} images {'x'.join(map(str, shape))}{space} "
             f"(condition: {parts.condition.description}): {tc.steps} steps{start}, batch {tc.batch_size}{ranks}, "
             f"device {accelerator.device}, precision {accelerator.mixed_precision}")
-
-
-def _batches(loader, sampler: EpochSampler, start: int):
-    """An endless stream of batches that resumes at batch ``start`` of the same shuffled order."""
-    epoch, done = divmod(start, len(loader))
-    while True:
-        # Accelerate re-announces the loader's epoch to the sampler at each pass; keep them in step.
-        loader.set_epoch(epoch) if hasattr(loader, "set_epoch") else sampler.set_epoch(epoch)
-        sampler.skip = done * getattr(loader, "total_batch_size", loader.batch_size)
-        yield from loader
-        epoch, done = epoch + 1, 0

@@ -50,13 +50,23 @@ _CALIBRATE_NUMBERS = _SAMPLE_NUMBERS[:2] + _SAMPLE_NUMBERS[3:] + [
     ("lr", False, 0, None, True),
     ("t_lr", False, 0, None, True),
 ]
-_NULLABLE = {"steps"}  # null: the sampler's default (diffx.samplers.plan)
+_TRAIN_VAE_NUMBERS = [row for row in _TRAIN_NUMBERS if row[0] not in ("train.weight_decay", "train.cond_drop")] + [
+    ("train.kl_weight", False, 0, None, True),
+    ("train.disc_start", True, 0, None, True),
+    ("train.disc_weight", False, 0, None, True),
+    ("train.holdout", True, 1, None, True),
+]
+_IMAGE_NUMBERS = [("strength", False, 0, 1, True), ("resample", True, 1, None, True)]  # diffx sample init_image=
+_INTERPOLATE_NUMBERS = [("frames", True, 2, None, True)] + [
+    row for row in _SAMPLE_NUMBERS if row[0] in ("steps", "batch_size", "cfg")]
+_NULLABLE = {"steps", "strength"}  # null: the sampler's default (diffx.samplers.plan); img2img's default strength
 _PATH_KEYS = ("path", "ckpt", "checkpoint")  # keys (or *_path, *_ckpt ...) that must name an existing file
 
 
 def validate(cfg: DictConfig, command: str) -> None:
     """Check ``cfg`` for ``diffx <command>``; raises DiffxError with one line naming the key."""
-    checks = {"train": _check_train, "sample": _check_sample, "calibrate": _check_calibrate}
+    checks = {"train": _check_train, "sample": _check_sample, "calibrate": _check_calibrate,
+              "interpolate": _check_interpolate, "train-vae": _check_train_vae}
     try:
         checks.get(command, _check_other)(cfg)
     except DiffxError:
@@ -86,6 +96,31 @@ def _check_train(cfg: DictConfig) -> None:
     _dry_build(cfg)
 
 
+def _check_train_vae(cfg: DictConfig) -> None:
+    """``diffx train-vae``: the numbers, the parts' keys, then the autoencoder (and the discriminator)
+    built on the meta device, so a size the levels cannot halve fails now."""
+    import torch
+    from hydra.utils import instantiate
+
+    from diffx.resume import check_resumable
+
+    _check_missing(cfg)
+    _check_numbers(cfg, _TRAIN_VAE_NUMBERS)
+    for key in ("autoencoder", "discriminator"):
+        check_params(cfg[key], key)
+    if cfg.train.mixed_precision not in ("no", "fp16", "bf16"):
+        raise DiffxError(f"train.mixed_precision={cfg.train.mixed_precision}: expected no, fp16 or bf16")
+    _check_paths(cfg)
+    if cfg.get("resume"):
+        check_resumable(cfg.resume)
+    size = cfg.data.get("size")
+    if isinstance(size, int):
+        with torch.device("meta"):  # RGB: the channel count changes no shape check
+            instantiate(cfg.autoencoder, in_channels=3, image_size=size)
+            if cfg.train.disc_weight > 0:
+                instantiate(cfg.discriminator, in_channels=3, image_size=size)
+
+
 def _check_sample(cfg: DictConfig, numbers=_SAMPLE_NUMBERS):
     """Returns the sampling plan on a stand-in schedule: the sampler (a fitted solver's file too), its
     grid and ``steps`` are checked before the checkpoint loads."""
@@ -107,7 +142,46 @@ def _check_sample(cfg: DictConfig, numbers=_SAMPLE_NUMBERS):
     # Header and metadata only: a wrong or corrupt file fails before any weight is read. Whether the
     # model is conditional (for cfg) is the condition source's call, made in sample() once it is built.
     checkpoint.read_header(cfg.ckpt)
-    return sampling_plan(cfg, schedules.FlowLinear())  # the stand-in's times are not used
+    plan = sampling_plan(cfg, schedules.FlowLinear())  # the stand-in's times are not used
+    if "init_image" in cfg:
+        _check_image_inputs(cfg, plan)
+    return plan
+
+
+def _check_image_inputs(cfg: DictConfig, plan) -> None:
+    """``diffx sample``'s img2img and inpainting keys: the files exist, strength and resample are in range,
+    and a mask, a strength or a resample count comes with an image to start from."""
+    from diffx.generate import check_start
+
+    _check_numbers(cfg, _IMAGE_NUMBERS)
+    for key in ("init_image", "mask"):
+        if cfg[key] is not None and not Path(str(cfg[key])).expanduser().is_file():
+            raise DiffxError(f"{key}={cfg[key]}: no such file; expected an image file")
+    if cfg.init_image is None:
+        given = [k for k, unset in (("mask", None), ("strength", None), ("resample", 1)) if cfg[k] != unset]
+        if given:
+            raise DiffxError(f"{given[0]}={cfg[given[0]]} needs init_image=PATH, the image to start from")
+        return
+    if cfg.resample > 1 and cfg.mask is None:
+        raise DiffxError(f"resample={cfg.resample} is RePaint's resampling for inpainting: it needs mask=PATH")
+    check_start(plan)
+
+
+def _check_interpolate(cfg: DictConfig) -> None:
+    """``diffx sample``'s checks on its own keys, then: two seeds, at least two frames, one label or prompt
+    or a pair of them, and a deterministic sampler."""
+    from diffx.interpolate import check_plan
+
+    plan = _check_sample(cfg, _INTERPOLATE_NUMBERS)
+    seeds = cfg.seeds
+    if not (OmegaConf.is_list(seeds) and len(seeds) == 2
+            and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+        raise DiffxError(f"seeds={seeds}: expected a pair of seeds >= 0, e.g. seeds=[0,1]")
+    for key in ("label", "prompt"):
+        v = cfg[key]
+        if v == "all" or (OmegaConf.is_list(v) and not 1 <= len(v) <= 2):
+            raise DiffxError(f"{key}={v}: expected one {key} or a pair [a, b], one for each end")
+    check_plan(plan)
 
 
 def _check_calibrate(cfg: DictConfig) -> None:

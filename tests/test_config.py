@@ -3,6 +3,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import compose_config
 from hydra.utils import instantiate
@@ -13,6 +14,7 @@ from diffx.config import config_dir
 
 CONF = config_dir()
 SAMPLE_GROUPS = {"sampler", "grid"}
+TRAIN_VAE_GROUPS = {"autoencoder"}  # composed in conf/train_vae.yaml
 OVERLAY_GROUPS = {"experiment"}  # appended with +group=option, checked below on their own
 
 
@@ -47,8 +49,17 @@ def diffusers_vae_dir(tmp_path_factory):
     return save_diffusers_vae(tmp_path_factory.mktemp("vae"))
 
 
+@pytest.fixture(scope="module")
+def diffx_vae_file(tmp_path_factory):
+    """A tiny freshly initialised diffx VAE file, for latent=vae."""
+    from tiny_vae import save_diffx_vae
+
+    return save_diffx_vae(tmp_path_factory.mktemp("vae") / "vae.safetensors")
+
+
 # Options with a required (???) key: the overrides that fill it, from the fixtures they need.
 REQUIRED = {
+    ("latent", "vae"): lambda f: [f"latent.ckpt={f('diffx_vae_file')}", f"latent.cache_dir={f('tmp_path') / 'latents'}"],
     ("latent", "diffusers_vae"): lambda f: [f"latent.path={f('diffusers_vae_dir')}",
                                             f"latent.cache_dir={f('tmp_path') / 'latents'}"],
     ("data", "imagefolder"): lambda f: [f"data.path={f('image_dir')}"],
@@ -93,6 +104,11 @@ def test_option_composes_and_instantiates(group, option, tmp_path, request):
         cfg = _compose("sample", [f"{group}={option}", *extra])
         ts = instantiate(cfg.grid)(8, schedule)
         assert callable(instantiate(cfg.sampler)) and ts[-1] == 0 and len(ts) == 9
+        return
+    if group in TRAIN_VAE_GROUPS:  # shapes from the data are supplied by code, as diffx train-vae does
+        cfg = _compose("train_vae", [f"{group}={option}", "data.size=16"])
+        ae = instantiate(cfg.autoencoder, in_channels=3, image_size=cfg.data.size)
+        assert ae.decode(ae.encode(torch.zeros(1, 3, 16, 16))[0]).shape == (1, 3, 16, 16)
         return
     overrides = [f"{group}={option}", "data.size=16"]
     overrides += REQUIRED.get((group, option), lambda f: [])(request.getfixturevalue)

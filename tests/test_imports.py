@@ -7,7 +7,8 @@ from pathlib import Path
 import diffx
 
 PACKAGE = Path(diffx.__file__).resolve().parent
-COMMANDS = {"diffx.train", "diffx.sample", "diffx.evaluate", "diffx.calibrate"}
+COMMANDS = {"diffx.train", "diffx.sample", "diffx.evaluate", "diffx.calibrate", "diffx.interpolate",
+            "diffx.train_vae"}
 
 
 def _modules() -> dict[str, Path]:

@@ -1,5 +1,6 @@
 """The latent-space interface: shapes follow from it, and a cacheable encoding runs once, not per batch."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -98,29 +99,44 @@ def test_a_diffusers_vae_is_refused_without_safetensors_or_with_other_weights(tm
         DiffusersVAE(str(tmp_path / "missing"))
 
 
-def test_latent_diffusion_trains_caches_samples_and_pins_its_vae(tmp_path, monkeypatch):
-    """latent=diffusers_vae end to end: the model is built for the latents, the training set is encoded
-    once and read back from the disk cache by the next run, sampling decodes to the data's size, and
-    the checkpoint refuses a different VAE at the same path."""
+# latent=vae (a diffx train-vae file) and latent=diffusers_vae (a folder): how to make one, the key naming
+# it, the Latent class, and what the error says when other weights sit at the same place.
+KINDS = {
+    "vae": ("vae.safetensors", "latent.ckpt", "VAE", "not the one the model was trained with"),
+    "diffusers_vae": ("vae", "latent.path", "DiffusersVAE", "not the ones the model was trained with"),
+}
+
+
+def _make_vae(kind, path, seed):
     import shutil
 
-    import pytest
+    from tiny_vae import save_diffusers_vae, save_diffx_vae
 
+    if path.is_dir():
+        shutil.rmtree(path)
+    return (save_diffx_vae if kind == "vae" else save_diffusers_vae)(path, seed=seed)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_latent_diffusion_trains_caches_samples_and_pins_its_vae(kind, tmp_path, monkeypatch):
+    """latent=vae and latent=diffusers_vae end to end: the model is built for the latents, the training
+    set is encoded once and read back from the disk cache by the next run, sampling decodes to the
+    data's size, and the checkpoint refuses a different VAE at the same place."""
     from diffx import generate, latent
     from diffx.errors import DiffxError
     from diffx.train import train
-    from tiny_vae import save_diffusers_vae
 
-    folder = save_diffusers_vae(tmp_path / "vae")
+    name, key, cls, refusal = KINDS[kind]
+    folder = _make_vae(kind, tmp_path / name, seed=0)
     base = [o for o in TINY_TRAIN if not o.startswith("data.size")] + [
-        "data.size=16", "latent=diffusers_vae", f"latent.path={folder}", f"latent.cache_dir={tmp_path / 'latents'}",
+        "data.size=16", f"latent={kind}", f"{key}={folder}", f"latent.cache_dir={tmp_path / 'latents'}",
         f"data.cache_dir={tmp_path / 'shapes'}"]
     run = train(compose_config("train", base + [f"run_dir={tmp_path / 'run'}"]))
     assert len(list((tmp_path / "latents").glob("*.safetensors"))) == 1
 
     calls = []
-    original = latent.DiffusersVAE.encode
-    monkeypatch.setattr(latent.DiffusersVAE, "encode", lambda self, x: calls.append(len(x)) or original(self, x))
+    original = getattr(latent, cls).encode
+    monkeypatch.setattr(getattr(latent, cls), "encode", lambda self, x: calls.append(len(x)) or original(self, x))
     train(compose_config("train", base + [f"run_dir={tmp_path / 'again'}"]))
     assert calls == []  # the second run read the cached encodings
 
@@ -130,7 +146,6 @@ def test_latent_diffusion_trains_caches_samples_and_pins_its_vae(tmp_path, monke
     images, _ = generate.generate(parts, plan, generate.Request([0, 1], [0, 1]), 2, "cpu")
     assert images.shape == (2, 16, 16, 3)
 
-    shutil.rmtree(folder)
-    save_diffusers_vae(folder, seed=1)  # other weights at the same path
-    with pytest.raises(DiffxError, match="not the ones the model was trained with"):
+    _make_vae(kind, folder, seed=1)  # other weights at the same place
+    with pytest.raises(DiffxError, match=refusal):
         checkpoint.load(run / "model.safetensors")

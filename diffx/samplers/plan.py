@@ -71,6 +71,7 @@ class Plan:
     deterministic: bool
     grid: str | None = None  # the grid the call times came from
     note: str | None = None
+    own_times: bool = False  # the sampler brought its call times (a fitted solver): no other grid fits it
 
     def __call__(self, denoise, schedule, x: Tensor, generator=None) -> Tensor:
         return self.sampler(denoise, schedule, x, self.ts, generator=generator)
@@ -90,4 +91,4 @@ def make(sampler, grid, steps: int | None, schedule) -> Plan:
     fitted_on, asked = getattr(sampler, "grid", None), name_of(grid)
     note = (f"{name} calls the model at its {len(own)} fitted times (from grid={fitted_on}); grid={asked} is not used"
             if fitted_on not in (None, asked) else None)
-    return Plan(sampler, own, name, len(own), deterministic, fitted_on, note)
+    return Plan(sampler, own, name, len(own), deterministic, fitted_on, note, own_times=True)
