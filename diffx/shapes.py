@@ -117,6 +117,30 @@ def render(attrs: dict, image_size: int, jitter: tuple[float, float] = (0.0, 0.0
     return np.rint(bg + alpha[..., None] * (fg - bg)).astype(np.uint8)
 
 
+def _main_blob(alpha: np.ndarray) -> np.ndarray:
+    """Only the 8-connected region of nonzero coverage with the most coverage: one shape is drawn, so
+    a stray speck elsewhere (a decoder's corner artefact, noise) must not drag the moments below."""
+    h, w = alpha.shape
+    label = np.zeros((h, w), dtype=np.int32)
+    best, best_mass, n = 0, 0.0, 0
+    for y0, x0 in zip(*np.nonzero(alpha)):
+        if label[y0, x0]:
+            continue
+        n += 1
+        label[y0, x0], stack, mass = n, [(y0, x0)], 0.0
+        while stack:
+            y, x = stack.pop()
+            mass += alpha[y, x]
+            for yy in range(max(y - 1, 0), min(y + 2, h)):
+                for xx in range(max(x - 1, 0), min(x + 2, w)):
+                    if alpha[yy, xx] > 0 and not label[yy, xx]:
+                        label[yy, xx] = n
+                        stack.append((yy, xx))
+        if mass > best_mass:
+            best, best_mass = n, mass
+    return np.where(label == best, alpha, 0.0) if n > 1 else alpha
+
+
 def read(image: np.ndarray, shapes=SHAPES, colors=COLORS) -> dict:
     """Recover {shape, color, size, position} from a uint8 (H, W, 3) image by the render rules.
 
@@ -138,7 +162,7 @@ def read(image: np.ndarray, shapes=SHAPES, colors=COLORS) -> dict:
         if best is None or residual < best[0]:
             best = (residual, name, a)
     _, color, alpha = best
-    alpha = np.where(alpha < _ALPHA_FLOOR, 0.0, alpha)
+    alpha = _main_blob(np.where(alpha < _ALPHA_FLOOR, 0.0, alpha))
     area = alpha.sum()
     if area < 1.0:
         return {"shape": None, "color": None, "size": None, "position": None}

@@ -8,6 +8,7 @@ timed. Prints the median seconds per step of each and their ratio.
 
     python scripts/bench_latent.py --vae runs/<vae run>/vae.safetensors
     python scripts/bench_latent.py --vae ... --overrides model=mmdit model.patch_size=2 train.batch_size=32
+    python scripts/bench_latent.py --vae ... --pixel-overrides model.patch_size=16   # equal token counts
 """
 
 from __future__ import annotations
@@ -43,17 +44,21 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10, help="timed steps of each, after 2 warm-up steps")
     parser.add_argument("--overrides", nargs="*", default=["model=mmdit", "objective=flow", "train.batch_size=32"])
+    parser.add_argument("--pixel-overrides", nargs="*", default=[],
+                        help="for the pixel run only, e.g. model.patch_size=16 for as many tokens as the latent run")
     args = parser.parse_args()
     torch.manual_seed(0)
     spec = DataSpec(3, args.size, 18, tuple(f"c{i}" for i in range(18)))
     batch = {}
     runs = {}
-    for name, extra in (("pixel", ["latent=none"]), ("latent", ["latent=vae", f"latent.ckpt={args.vae}"])):
+    for name, extra in (("pixel", ["latent=none", *args.pixel_overrides]),
+                        ("latent", ["latent=vae", f"latent.ckpt={args.vae}"])):
         cfg, parts = _parts(args.overrides + extra, spec)
         n = cfg.train.batch_size
         x = torch.rand(n, 3, args.size, args.size) * 2 - 1
         x0 = parts.latent.encode(x)  # what the cached dataset holds
-        cond = parts.condition.encode(list(range(n)))
+        inputs = [parts.condition.input_for("a small red circle at the top left", f"c{i % 18}") for i in range(n)]
+        cond = parts.condition.encode(inputs)
         optimizer = torch.optim.AdamW(parts.model.parameters(), lr=1e-4)
         runs[name] = (parts, optimizer, x0, cond)
         batch[name] = tuple(x0.shape)
@@ -66,7 +71,8 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
     med = {name: statistics.median(v) for name, v in times.items()}
     params = {name: sum(p.numel() for p in r[0].model.parameters()) for name, r in runs.items()}
-    print(f"overrides: {' '.join(args.overrides)}; {args.steps} timed steps each, alternating; "
+    print(f"overrides: {' '.join(args.overrides)} (pixel also: {' '.join(args.pixel_overrides) or '-'}); "
+          f"{args.steps} timed steps each, alternating; "
           f"{torch.get_num_threads()} torch thread(s)")
     print("| space | x0 batch | parameters | s / step (median) |")
     print("|---|---|---|---|")

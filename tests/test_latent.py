@@ -142,6 +142,8 @@ def test_latent_diffusion_trains_caches_samples_and_pins_its_vae(kind, tmp_path,
 
     parts, ckpt = checkpoint.load(run / "model.safetensors")
     assert parts.x0_shape == (4, 8, 8) and ckpt.parts["latent"]["sha256"] == parts.latent.sha256
+    vae_names = {f"autoencoder.{k}" for k in parts.latent.autoencoder.state_dict()} | set(parts.latent.autoencoder.state_dict())
+    assert not vae_names & set(ckpt.weights)  # the VAE's weights stay in their own file
     plan = generate.sampling_plan(compose_config("sample", ["steps=2"]), parts.objective.schedule)
     images, _ = generate.generate(parts, plan, generate.Request([0, 1], [0, 1]), 2, "cpu")
     assert images.shape == (2, 16, 16, 3)

@@ -92,3 +92,14 @@ def test_unknown_names_are_rejected_with_the_known_ones():
         S.check(shapes=["circle", "hexagon"])
     with pytest.raises(DiffxError, match="colors"):
         S.check(colors=["red", "red"])
+
+
+@pytest.mark.parametrize("size", [16, 64])
+def test_a_stray_speck_far_from_the_shape_does_not_change_the_reading(size):
+    """One faint off-colour pixel in a corner (a decoder's border artefact) used to turn circles and
+    triangles into squares through the second moments; only the shape's own blob is read now."""
+    for attrs in [{"shape": s, "color": "blue", "size": "small", "position": "bottom right"} for s in S.SHAPES]:
+        img = S.render(attrs, size)
+        speck = img.copy()
+        speck[0, 0] = (40, 40, 60)  # faint, bluish, at the far corner
+        assert S.read(speck) == S.read(img) == attrs
