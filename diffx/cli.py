@@ -18,7 +18,12 @@ COMMANDS = {
     "eval": ("diffx.evaluate", "evaluate", "score prompt adherence of a checkpoint trained on data=shapes"),
     "train-vae": ("diffx.train_vae", "train_vae", "train the KL autoencoder of latent diffusion (vae.safetensors)"),
     "interpolate": ("diffx.interpolate", "interpolate", "slerp between two seeds' noises: a strip PNG and a GIF"),
+    "report": ("diffx.report", "report", "a table, report.csv and report.png of a sweep's jobs (diffx train -m)"),
 }
+
+# What a command's job gives back to Hydra, for a sweeper that optimises a number (hydra/sweeper=optuna):
+# the key of <run dir>/metrics.json, e.g. train's final EMA loss on a fixed probe batch (diffx.monitor).
+METRICS = {"train": "probe_loss"}
 
 USAGE = "usage: diffx <command> [key=value ...] [hydra flags: --help, --cfg job, -m] [--verbose]\n\ncommands:\n" + "".join(
     f"  {name:<12} {desc}\n" for name, (_, _, desc) in COMMANDS.items()
@@ -45,11 +50,13 @@ def _run_hydra(command: str, args: list[str], verbose: bool) -> int:
     from omegaconf import DictConfig
 
     from diffx.config import config_dir, register_resolvers
+    from diffx.errors import DiffxError
     from diffx.validate import validate
 
     register_resolvers()
     module, func, _ = COMMANDS[command]
     failure: list[str] = []
+    caller = os.getpid()
 
     def job(cfg: DictConfig):
         # User errors are caught here, not above Hydra: Hydra would print its own line first.
@@ -61,11 +68,15 @@ def _run_hydra(command: str, args: list[str], verbose: bool) -> int:
                 raise
             # Imported only now: a typo in an override fails without loading torch or Accelerate.
             task = getattr(importlib.import_module(module), func)
-            return task(cfg)
+            result = task(cfg)
+            return _metric(result, METRICS[command]) if command in METRICS else result
         except Exception as e:  # noqa: BLE001 - sorted into user errors (one line) and bugs (re-raised)
             message = user_message(e)
             if verbose or message is None:
                 raise
+            if os.getpid() != caller:  # a launcher ran this job in another process (joblib, SLURM), where
+                # `failure` is not ours: the error goes back in Hydra's job result, raised here after the batch
+                raise DiffxError(message) from None
             failure.append(message)
 
     job.__name__ = command
@@ -99,6 +110,13 @@ def _run_hydra(command: str, args: list[str], verbose: bool) -> int:
         print(f"diffx {command}: error: {failure[0]}", file=sys.stderr)
         return 1
     return 0
+
+
+def _metric(run_dir, key: str):
+    """``key`` of the run's metrics.json, or None where there is none (a process other than the main one)."""
+    from diffx.plots import read_metrics
+
+    return read_metrics(run_dir).get(key)
 
 
 def _discard_fresh_run_dir() -> None:

@@ -256,13 +256,15 @@ def null_like(cond: dict | None) -> dict | None:
     return {k: torch.full_like(v, NULL_LABEL) if k == "label" else torch.zeros_like(v) for k, v in cond.items()}
 
 
-def drop(cond: dict | None, p: float, null: dict | None = None, generator=None) -> dict | None:
+def drop(cond: dict | None, p: float, null: dict | None = None, generator=None, keep=None) -> dict | None:
     """Replace each sample's condition by ``null`` (default ``null_like(cond)``) with probability
-    ``p``: classifier-free guidance training (Ho & Salimans 2022)."""
+    ``p``: classifier-free guidance training (Ho & Salimans 2022). ``keep`` (B,) bool, when given, is
+    that draw already made: which samples keep their condition."""
     if cond is None or p <= 0:
         return cond
     first = next(iter(cond.values()))
-    keep = torch.rand(first.shape[0], device=first.device, generator=generator) >= p  # (B,)
+    if keep is None:
+        keep = torch.rand(first.shape[0], device=first.device, generator=generator) >= p  # (B,)
     null = null_like(cond) if null is None else null
     return {k: torch.where(keep.view(-1, *([1] * (v.ndim - 1))), v, null[k]) for k, v in cond.items()}
 

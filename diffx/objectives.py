@@ -52,10 +52,12 @@ class Objective:
     def weight(self, t: Tensor) -> Tensor:
         return torch.ones_like(t)
 
-    def loss(self, model, x0: Tensor, cond=None, generator=None) -> Tensor:
-        """Per-sample loss (B,): ``w(t) * mean |model(x_t, t) - target|^p`` over pixels."""
-        t = self.sample_t(x0.shape[0], device=x0.device, generator=generator)
-        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+    def loss(self, model, x0: Tensor, cond=None, generator=None, t: Tensor | None = None,
+             noise: Tensor | None = None) -> Tensor:
+        """Per-sample loss (B,): ``w(t) * mean |model(x_t, t) - target|^p`` over pixels. ``t`` (B,) and
+        ``noise`` (like x0) are drawn here unless given (``diffx.train`` draws them for all processes)."""
+        t = self.sample_t(x0.shape[0], device=x0.device, generator=generator) if t is None else t
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator) if noise is None else noise
         alpha, sigma = self.schedule.alpha_sigma(t)
         xt = bcast(alpha, x0) * x0 + bcast(sigma, x0) * noise
         pred = model(xt, t, cond)

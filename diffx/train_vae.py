@@ -32,6 +32,7 @@ from diffx.images import grid, save_png, to_uint8
 from diffx.lr_schedules import Constant
 from diffx.models.autoencoder import kl_divergence
 from diffx.models.discriminator import adaptive_weight, frozen_logits, generator_loss, hinge_d_loss
+from diffx.preemption import Preemption
 from diffx.progress import TrainProgress
 from diffx.resume import EpochSampler, save_state
 
@@ -116,9 +117,9 @@ def train_vae(cfg: DictConfig) -> Path:
     window_start, window_steps = time.perf_counter(), 0
     accelerator.print(_summary(autoencoder, discriminator, spec, len(train_set), tc, step, accelerator))
 
-    # 4. the loop
+    # 4. the loop; a signal (SIGTERM, SIGINT, SIGUSR1) stops it after the current step, saved (diffx/preemption.py)
     model.train()
-    with TrainProgress(tc.steps, start=step, enabled=accelerator.is_main_process) as progress:
+    with Preemption() as preemption, TrainProgress(tc.steps, start=step, enabled=accelerator.is_main_process) as progress:
         while step < tc.steps:
             losses = model(next(batches)["x"], step)
             accelerator.backward(losses[0])
@@ -149,13 +150,16 @@ def train_vae(cfg: DictConfig) -> Path:
                                             "it_s": window_steps / (now - window_start), "time": time.time()}) + "\n")
                 sums.zero_()
                 window_start, window_steps = now, 0
-            if step % tc.save_every == 0 or step == tc.steps:
+            stop = step < tc.steps and preemption.requested(accelerator, sync=step % tc.log_every == 0)
+            if step % tc.save_every == 0 or step == tc.steps or stop:
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     # The latent scale is fitted to these weights, on the images they were trained on.
                     scale, shift = vae.fit_scale_shift(ema.model, _images(train_set), accelerator.device)
                     vae.save(run_dir / "vae.safetensors", ema.state_dict(), stored, spec, step, scale, shift)
                     save_state(run_dir, accelerator, model, ema, optimizer, scheduler, step)
+            if stop:
+                raise preemption.stopped("train-vae", run_dir, step, accelerator.is_main_process)
 
     # 5. held-out reconstructions: PSNR and a grid
     if accelerator.is_main_process:

@@ -16,6 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from diffx import trackers
 from diffx.errors import DiffxError, as_diffx_error, first_line
 from diffx.trust import check_params
 
@@ -24,6 +25,7 @@ _TRAIN_NUMBERS = [
     ("seed", True, 0, None, True),
     ("train.steps", True, 1, None, True),
     ("train.batch_size", True, 1, None, True),
+    ("train.grad_accum", True, 1, None, True),
     ("train.save_every", True, 1, None, True),
     ("train.log_every", True, 1, None, True),
     ("train.warmup", True, 0, None, True),
@@ -50,7 +52,8 @@ _CALIBRATE_NUMBERS = _SAMPLE_NUMBERS[:2] + _SAMPLE_NUMBERS[3:] + [
     ("lr", False, 0, None, True),
     ("t_lr", False, 0, None, True),
 ]
-_TRAIN_VAE_NUMBERS = [row for row in _TRAIN_NUMBERS if row[0] not in ("train.weight_decay", "train.cond_drop")] + [
+_TRAIN_VAE_NUMBERS = [row for row in _TRAIN_NUMBERS
+                      if row[0] not in ("train.weight_decay", "train.cond_drop", "train.grad_accum")] + [
     ("train.kl_weight", False, 0, None, True),
     ("train.disc_start", True, 0, None, True),
     ("train.disc_weight", False, 0, None, True),
@@ -85,6 +88,18 @@ def _check_train(cfg: DictConfig) -> None:
     _check_numbers(cfg, _TRAIN_NUMBERS)
     if cfg.train.mixed_precision not in ("no", "fp16", "bf16"):
         raise DiffxError(f"train.mixed_precision={cfg.train.mixed_precision}: expected no, fp16 or bf16")
+    _check_numbers(cfg, [("train.sample_every", True, 0, None, True)])  # 0: no sample grids
+    _check_numbers(cfg, [("train.keep_last", True, 1, None, True)])  # resume states kept (resume=auto: diffx.config)
+    trackers.check(cfg.train.log_with)  # the name, and that its package is installed
+    if not isinstance(cfg.train.compile, bool):
+        raise DiffxError(f"train.compile={cfg.train.compile}: expected true or false")
+    if cfg.train.compile:
+        import torch._dynamo  # about a second: only when compiling
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if cfg.train.compile_backend not in backends:
+            raise DiffxError(f"train.compile_backend={cfg.train.compile_backend}: not a torch.compile backend; "
+                             "expected inductor, aot_eager or eager (or any of torch._dynamo.list_backends())")
     _check_paths(cfg)
     if cfg.get("resume"):
         from diffx.resume import check_resumable

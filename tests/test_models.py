@@ -233,3 +233,59 @@ def test_text_conditioned_trains_the_encoder_head_jointly(text_encoders):
         (model(x, t, features) - x).square().mean().backward()
         opt.step()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.text.parameters())
+
+
+# --- activation checkpointing: the same gradients, the same weight names ---
+
+@pytest.mark.parametrize("cond_kind", ["label", "label+text"])
+@pytest.mark.parametrize("arch", TINY)
+def test_checkpointing_gives_the_same_gradients(arch, cond_kind):
+    """``checkpointing=True`` recomputes each block in backward (each block's forward runs twice) and
+    changes neither the weight names nor the output or the gradients, beyond float round-off."""
+    gen = torch.Generator().manual_seed(8)
+    plain, ckpt = TINY[arch](**CONDS[cond_kind]), TINY[arch](checkpointing=True, **CONDS[cond_kind])
+    perturb_all(plain, gen)  # open the zero-initialised gates, so every block gets a gradient
+    assert plain.state_dict().keys() == ckpt.state_dict().keys()
+    ckpt.load_state_dict(plain.state_dict())
+    x, t = torch.randn(B, C, S, S, generator=gen), torch.rand(B, generator=gen)
+    cond = make_cond(cond_kind, gen)
+    blocks = [m for m in ckpt.modules() if type(m).__name__ in ("Stage", "DoubleStreamBlock", "SingleStreamBlock")]
+    calls = []
+    for m in blocks:
+        m.register_forward_pre_hook(lambda *_: calls.append(1))  # recomputation may stop before the end
+
+    outs = []
+    for model in (plain, ckpt):
+        model.train()
+        out = model(x, t, cond)
+        (out - x).square().mean().backward()
+        outs.append(out.detach())
+    assert len(calls) == 2 * len(blocks)  # forward, and again in backward: checkpointing did run
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    grads = dict(plain.named_parameters())
+    for name, p in ckpt.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-6, atol=1e-7, msg=name)
+    # In eval mode (sampling, the EMA copy) nothing is recomputed.
+    calls.clear()
+    with torch.no_grad():
+        ckpt.eval()(x, t, cond)
+    assert len(calls) == len(blocks)
+
+
+@pytest.mark.parametrize("arch", ["unet", "mmdit"])
+def test_checkpointing_with_a_trained_text_encoder_head(text_encoders, arch):
+    """Through TextConditioned, with the tiny encoder's head trained jointly: the same gradients,
+    the head's included."""
+    encoder, gen = text_encoders["tiny"], torch.Generator().manual_seed(9)
+    models = [TextConditioned(TINY[arch](text_dim=encoder.dim, pooled_dim=encoder.pooled_dim, checkpointing=on),
+                              encoder.head()) for on in (False, True)]
+    perturb_all(models[0], gen)
+    models[1].load_state_dict(models[0].state_dict())
+    x, t = torch.randn(B, C, S, S, generator=gen), torch.rand(B, generator=gen)
+    features = encoder.features(PROMPTS)
+    for model in models:
+        (model.train()(x, t, features) - x).square().mean().backward()
+    grads = dict(models[0].named_parameters())
+    for name, p in models[1].named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-6, atol=1e-7, msg=name)
+    assert all(p.grad.abs().sum() > 0 for p in models[1].text.parameters())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from diffx.errors import DiffxError
 from diffx.models.layers import (
@@ -134,6 +135,10 @@ class MMDiT(nn.Module):
     projected text tokens (when text_dim > 0); the register keeps joint attention well defined for
     unconditional models and for the null text condition. The adaLN conditioning vector c is the
     timestep embedding plus the label embedding and the projected pooled text.
+
+    ``checkpointing``: in training mode, keep only each block's inputs and recompute the block during
+    backward (Chen et al. 2016), trading one more forward for the activations (the attention's
+    included). The weights and their names are the same either way.
     """
 
     def __init__(
@@ -150,9 +155,11 @@ class MMDiT(nn.Module):
         mlp_ratio: float = 4.0,
         qk_norm: bool = True,
         single_blocks: int = 0,
+        checkpointing: bool = False,
     ):
         super().__init__()
         _check(image_size, patch_size, width, heads, depth)
+        self.checkpointing = checkpointing
         self.in_channels, self.patch_size = in_channels, patch_size
         self.grid = image_size // patch_size
 
@@ -203,14 +210,19 @@ class MMDiT(nn.Module):
         img = self.patchify(x)  # (B, N, D)
         ctx, mask = self.context_tokens(cond, x.shape[0])  # (B, L, D), (B, L)
         for block in self.joint_blocks:
-            img, ctx = block(img, ctx, c, mask)
+            img, ctx = self._block(block, img, ctx, c, mask)
         L = ctx.shape[1]
         h = torch.cat([ctx, img.to(ctx.dtype)], dim=1)  # (B, L+N, D); a no-op path when single_blocks=0
         full_mask = torch.cat([mask, mask.new_ones(img.shape[:2])], dim=1)
         for block in self.single_stream:
-            h = block(h, c, full_mask)
+            h = self._block(block, h, c, full_mask)
         img = h[:, L:]
         return self.unpatchify(self.final(img, c))
+
+    def _block(self, block: nn.Module, *args):
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
 
 def _check(image_size: int, patch_size: int, width: int, heads: int, depth: int) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from diffx.errors import DiffxError
 from diffx.models.layers import Attention, LabelEmbedder, TimestepEmbedder, conditioning_vector, heads_for
@@ -128,6 +129,10 @@ class UNet(nn.Module):
     the middle block; sizes not reached at this image size are ignored, so one config serves several
     data sizes. Labels and pooled text add to the timestep embedding; text tokens enter through
     cross-attention.
+
+    ``checkpointing``: in training mode, keep only each Stage's input (a ResBlock and its transformer
+    block) and recompute the Stage's inside during backward (Chen et al. 2016), trading one more
+    forward for the activations. The weights and their names are the same either way.
     """
 
     def __init__(
@@ -145,8 +150,10 @@ class UNet(nn.Module):
         head_dim: int | None = None,
         dropout: float = 0.0,
         norm_groups: int = 8,
+        checkpointing: bool = False,
     ):
         super().__init__()
+        self.checkpointing = checkpointing
         channel_mult, attn_resolutions = tuple(channel_mult), tuple(attn_resolutions)
         widths = [channels * m for m in channel_mult]
         _check(image_size, channels, channel_mult, widths, norm_groups)
@@ -200,16 +207,21 @@ class UNet(nn.Module):
         h, skips = self.conv_in(x), []
         for stages, down in zip(self.down, self.downsample):
             for s in stages:
-                h = s(h, emb, context, mask)
+                h = self._stage(s, h, emb, context, mask)
                 skips.append(h)
             h = down(h)
         for s in self.mid:
-            h = s(h, emb, context, mask)
+            h = self._stage(s, h, emb, context, mask)
         for stages, up in zip(self.up, self.upsample):
             for s in stages:
-                h = s(torch.cat([h, skips.pop()], dim=1), emb, context, mask)
+                h = self._stage(s, torch.cat([h, skips.pop()], dim=1), emb, context, mask)
             h = up(h)
         return self.out(h)
+
+    def _stage(self, stage: Stage, *args) -> Tensor:
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(stage, *args, use_reentrant=False)
+        return stage(*args)
 
 
 def _check(image_size: int, channels: int, channel_mult: tuple, widths: list[int], norm_groups: int) -> None:
