@@ -5,10 +5,19 @@ label and caption; `_hold` then decodes it once into one uint8 tensor in memory,
 training reads thousands of small images a second on CPU and per-item decoding would cost more
 than the model step.
 
+Data beyond RAM (`data.stream=true`): `_stream` keeps the Arrow table memory-mapped and decodes
+each item in `__getitem__` (so inside the DataLoader workers with `train.num_workers > 0`); only
+the labels and captions are held. Items equal `HeldImages`' pixel for pixel. Unreadable files are
+found up front by opening every header (no pixel decoding) and dropped (on_error=skip) or named
+(on_error=raise); a file whose header reads but whose pixels do not stops training, naming it.
+
 Builders (one per `conf/data/*.yaml`):
 - `shapes`: the procedural shapes of `diffx.shapes`, label = (shape, colour), caption = attributes;
   rendered once and cached as Arrow (PNG bytes: ~5 MB for 20k images at 32x32).
-- `imagefolder`: a folder of images, class subfolders optional.
+- `imagefolder`: a folder of images, class subfolders optional. Streamed, each item is decoded
+  from its path (the index of paths, labels and captions is small and held; no copy is made).
+- `hf`: a `datasets.Dataset` saved with `save_to_disk` (a `DatasetDict` with `split=`) or a folder
+  of parquet files, with an image column and optional label and caption columns.
 """
 
 import contextlib
@@ -73,46 +82,144 @@ def fit(im: Image.Image, size: int, mode: str = "RGB") -> Image.Image:
     return ImageOps.fit(im.convert(mode), (size, size), Image.Resampling.LANCZOS)
 
 
+def _open(ref: dict):
+    """A PIL image from an undecoded ``{"bytes", "path"}`` ref (lazy: only the header is read)."""
+    return Image.open(io.BytesIO(ref["bytes"]) if ref["bytes"] else ref["path"])
+
+
+def _pixels(ref: dict, size: int) -> np.ndarray:
+    """(H, W, 3) uint8: the image of ``ref`` fitted to ``size``; the one decoding both paths share."""
+    with _open(ref) as im:
+        return np.array(fit(im, size), dtype=np.uint8)  # a writable copy: torch.from_numpy takes it as is
+
+
+def _name(ref: dict, i: int) -> str:
+    return ref["path"] or f"row {i}"
+
+
+def _refs(ds: datasets.Dataset) -> datasets.Dataset:
+    """The image column alone, as undecoded ``{"bytes", "path"}`` refs (we decode, to catch errors
+    per file and to fit the size)."""
+    return ds.cast_column("image", datasets.Image(decode=False)).select_columns(["image"])
+
+
+def _image_data(dataset, size: int, class_names: list[str]) -> ImageData:
+    return ImageData(dataset=dataset, channels=3, image_size=size, num_classes=len(class_names),
+                     class_names=list(class_names))
+
+
+def _dropped(bad: list[str], n: int, where: str) -> None:
+    if bad:
+        warnings.warn(f"{where}: skipped {len(bad)} unreadable image file(s), e.g. {bad[0]}", stacklevel=4)
+    if len(bad) == n:
+        raise DiffxError(f"{where}: none of the {n} image files could be read; "
+                         "expected at least one valid image")
+
+
+# PIL reports a broken file as any of these, depending on the format and where it breaks.
+_UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def _header(ref: dict) -> tuple[int, int]:
+    """The image's size, from its header alone (no pixels decoded)."""
+    with _open(ref) as im:
+        return im.size
+
+
+def _read(read, ref: dict, i: int, on_error: str, where: str, bad: list[str]):
+    """``read(ref)``, or None for an unreadable image: a DiffxError naming it (on_error="raise"),
+    else its name appended to ``bad``."""
+    try:
+        return read(ref)
+    except _UNREADABLE as e:
+        if on_error == "raise":
+            raise DiffxError(f"{where}: cannot read image {_name(ref, i)} ({e}); "
+                             "expected a valid image file (or set data.on_error=skip)") from e
+        bad.append(_name(ref, i))
+        return None
+
+
 def _hold(ds: datasets.Dataset, size: int, class_names: list[str], on_error: str = "raise",
-          where: str = "data") -> ImageData:
+          where: str = "data", source: str | None = None) -> ImageData:
     """Decode every row of `ds` to RGB, centre-crop to a square, resize to `size`, and hold it.
 
     Unreadable images stop with a DiffxError naming the file (on_error="raise") or are dropped
-    with one warning that counts them (on_error="skip"). `where` prefixes messages.
+    with one warning that counts them (on_error="skip"). `where` prefixes messages; `source` is
+    `_stream`'s (held pixels are their own fingerprint).
     """
-    # Undecoded {"bytes", "path"} refs: we decode, to catch errors per file and to fit the size.
-    refs = ds.cast_column("image", datasets.Image(decode=False)).select_columns(["image"]).to_dict()["image"]
+    refs = _refs(ds).to_dict()["image"]
     pixels, kept, bad = [], [], []
     with work(f"decoding {len(refs)} images", len(refs)) as advance:
         for i, ref in enumerate(refs):
             advance()
-            try:
-                with Image.open(io.BytesIO(ref["bytes"]) if ref["bytes"] else ref["path"]) as im:
-                    fitted = fit(im, size)
-            # PIL reports a broken file as any of these, depending on the format and where it breaks.
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                if on_error == "raise":
-                    raise DiffxError(f"{where}: cannot read image {ref['path'] or f'row {i}'} ({e}); "
-                                     "expected a valid image file (or set data.on_error=skip)") from e
-                bad.append(ref["path"] or f"row {i}")
-                continue
-            pixels.append(np.asarray(fitted, dtype=np.uint8))
-            kept.append(i)
-    if bad:
-        warnings.warn(f"{where}: skipped {len(bad)} unreadable image file(s), e.g. {bad[0]}", stacklevel=3)
-    if not kept:
-        raise DiffxError(f"{where}: none of the {len(ds)} image files could be read; "
-                         "expected at least one valid image")
+            if (fitted := _read(lambda r: _pixels(r, size), ref, i, on_error, where, bad)) is not None:
+                pixels.append(fitted)
+                kept.append(i)
+    _dropped(bad, len(refs), where)
     images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
     meta = ds.select_columns(["label", "caption"]).to_dict()
     labels, captions = meta["label"], meta["caption"]
-    return ImageData(
-        dataset=HeldImages(images, torch.tensor([labels[i] for i in kept]), [captions[i] for i in kept]),
-        channels=images.shape[1],
-        image_size=size,
-        num_classes=len(class_names),
-        class_names=list(class_names),
-    )
+    held = HeldImages(images, torch.tensor([labels[i] for i in kept]), [captions[i] for i in kept])
+    return _image_data(held, size, class_names)
+
+
+class StreamedImages(torch.utils.data.Dataset):
+    """Images decoded item by item from a memory-mapped Arrow dataset; the same items as
+    `HeldImages` (pixel for pixel), only the labels and captions held in memory.
+
+    ``rows`` maps item i to its row of ``refs`` (the readable ones); ``source`` identifies the
+    data for ``fingerprint`` (e.g. the Arrow dataset's fingerprint, or file sizes and times)."""
+
+    def __init__(self, refs: datasets.Dataset, rows: list[int], labels: list[int], captions: list[str],
+                 size: int, source: str, where: str):
+        self.refs, self.rows, self.size, self.source, self.where = refs, rows, size, source, where
+        self.labels, self.captions = torch.tensor(labels, dtype=torch.long), captions
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def fingerprint(self) -> str:
+        """A cheap key of this exact data (diffx.latent): the source, the size and the kept rows."""
+        key = json.dumps({"source": self.source, "size": self.size, "rows": self.rows})
+        return hashlib.sha256(key.encode()).hexdigest()
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.rows[i]
+        ref = self.refs[row]["image"]
+        try:
+            pixels = _pixels(ref, self.size)
+        except _UNREADABLE as e:
+            raise DiffxError(f"{self.where}: cannot decode image {_name(ref, row)} ({e}); data.stream=true "
+                             "needs files whose pixels read: fix or remove it, or use data.stream=false") from e
+        x = torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1.0  # (C, H, W) in [-1, 1]
+        return {"x": x, "label": int(self.labels[i]), "caption": self.captions[i]}
+
+
+def _stream(ds: datasets.Dataset, size: int, class_names: list[str], on_error: str = "raise",
+            where: str = "data", source: str | None = None) -> ImageData:
+    """`ds` kept as it is (memory-mapped when it was loaded from disk) and decoded per item.
+
+    Every image's header is opened once up front, without decoding its pixels: the unreadable ones
+    are dropped then (on_error="skip", with one warning) or named (on_error="raise"), so the length
+    never changes while training. `source` (default: the Arrow fingerprint) keys `fingerprint`."""
+    refs = _refs(ds)
+    kept, bad = [], []
+    with work(f"checking {len(refs)} image headers", len(refs)) as advance:
+        for lo, batch in zip(range(0, len(refs), 1024), refs.iter(batch_size=1024)):
+            for i, ref in enumerate(batch["image"], start=lo):
+                advance()
+                if _read(_header, ref, i, on_error, where, bad) is not None:
+                    kept.append(i)
+    _dropped(bad, len(refs), where)
+    meta = ds.select_columns(["label", "caption"]).to_dict()
+    streamed = StreamedImages(refs, kept, [meta["label"][i] for i in kept], [meta["caption"][i] for i in kept],
+                              size, source or ds._fingerprint, where)
+    return _image_data(streamed, size, class_names)
+
+
+def _load(stream: bool):
+    """The in-memory fast path (`_hold`) or the streaming one (`_stream`, data.stream=true)."""
+    return _stream if stream else _hold
 
 
 def shapes(
@@ -122,11 +229,13 @@ def shapes(
     shapes=shape_rules.SHAPES,
     colors=shape_rules.COLORS,
     cache_dir: str | None = None,
+    stream: bool = False,
 ) -> ImageData:
     """Procedural shapes: one shape per image, label = (shape, colour) pair, attributes as caption.
 
     Deterministic in (size, n, seed, shapes, colors); rendered once, then loaded from the Arrow
-    cache at `cache_dir/<hash of params>` (default `~/.cache/diffx/shapes`).
+    cache at `cache_dir/<hash of params>` (default `~/.cache/diffx/shapes`). stream=true decodes
+    each item from the memory-mapped cache instead of holding all of them (`_stream`).
     """
     shape_names, color_names = shape_rules.check(shapes, colors)
     if size < 8 or n < 1:
@@ -138,7 +247,7 @@ def shapes(
     if not root.exists():
         _save_atomically(_render_shapes(params), root)
     class_names = [f"{c} {s}" for s in shape_names for c in color_names]
-    return _hold(datasets.load_from_disk(str(root)), size, class_names, where=f"shapes cache {root}")
+    return _load(stream)(datasets.load_from_disk(str(root)), size, class_names, where=f"shapes cache {root}")
 
 
 def _render_shapes(params: dict) -> datasets.Dataset:
@@ -196,16 +305,16 @@ def _save_atomically(ds: datasets.Dataset, root: Path) -> None:
     atomic_dir(root, fill, replace=False)
 
 
-def imagefolder(path: str, size: int = 32, on_error: str = "skip") -> ImageData:
+def imagefolder(path: str, size: int = 32, on_error: str = "skip", stream: bool = False) -> ImageData:
     """Images from a folder: class subfolders (sorted names -> labels) or images directly in it
     (unconditional). Each is converted to RGB, centre-cropped to a square and resized to `size`.
     A sibling `<image stem>.txt` file, if present, is its caption.
 
     on_error: "skip" drops unreadable files with one warning that counts them; "raise" stops at
-    the first, naming it.
+    the first, naming it. stream=true decodes each image from its path per item (`_stream`): the
+    files are the store, so nothing is copied; the fingerprint is the files' paths, sizes and times.
     """
-    if on_error not in ("skip", "raise"):
-        raise DiffxError(f"data.on_error={on_error}: expected 'skip' or 'raise'")
+    _check_on_error(on_error)
     root = Path(path).expanduser()
     if not root.is_dir():
         raise DiffxError(f"data.path={path}: not a directory; expected a folder of images "
@@ -215,7 +324,84 @@ def imagefolder(path: str, size: int = 32, on_error: str = "skip") -> ImageData:
         {"image": [str(f) for f in files], "label": labels, "caption": [_sidecar_caption(f) for f in files]},
         features=datasets.Features(_FEATURES),
     )
-    return _hold(ds, size, class_names, on_error, where=f"data.path={path}")
+    # the files are the store: their paths, sizes and times key a streamed run's latent cache
+    source = json.dumps([(str(f), *_stat(f)) for f in files]) if stream else None
+    return _load(stream)(ds, size, class_names, on_error, where=f"data.path={path}", source=source)
+
+
+def _stat(f: Path) -> tuple[int, int]:
+    st = f.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def _check_on_error(on_error: str) -> None:
+    if on_error not in ("skip", "raise"):
+        raise DiffxError(f"data.on_error={on_error}: expected 'skip' or 'raise'")
+
+
+def hf(path: str, size: int = 32, image_column: str = "image", label_column: str | None = None,
+       caption_column: str | None = None, split: str | None = None, stream: bool = False,
+       on_error: str = "skip", cache_dir: str | None = None) -> ImageData:
+    """A local Hugging Face dataset: a folder written by `Dataset.save_to_disk` (a `DatasetDict`'s:
+    pick `split`, needed when it has several), or a folder of `*.parquet` files (converted once to
+    Arrow under `cache_dir`, default the `datasets` cache). Nothing is downloaded.
+
+    `image_column` holds images (a `datasets.Image` feature, bytes or paths); `label_column`, if
+    set, gives the labels: a `ClassLabel` feature's names are the class names, else the sorted
+    distinct values are; `caption_column`, if set, gives the captions. stream=true keeps the table
+    memory-mapped and decodes per item (`_stream`).
+    """
+    _check_on_error(on_error)
+    where = f"data.path={path}"
+    ds = _open_hf(Path(path).expanduser(), split, cache_dir, where)
+    for key, column in (("image_column", image_column), ("label_column", label_column),
+                        ("caption_column", caption_column)):
+        if column is not None and column not in ds.column_names:
+            raise DiffxError(f"data.{key}={column}: no such column in {path}; expected one of {ds.column_names}")
+    n = len(ds)
+    if n == 0:
+        raise DiffxError(f"{where}: the dataset has no rows; expected at least one image")
+    labels, class_names = [-1] * n, []
+    if label_column is not None:
+        values = ds.select_columns([label_column]).to_dict()[label_column]
+        feature = ds.features[label_column]
+        if isinstance(feature, datasets.ClassLabel):
+            labels, class_names = [int(v) for v in values], list(feature.names)
+        else:
+            class_names = sorted({str(v) for v in values})
+            index = {name: k for k, name in enumerate(class_names)}
+            labels = [index[str(v)] for v in values]
+    captions = ds.select_columns([caption_column]).to_dict()[caption_column] if caption_column else [""] * n
+    table = ds.select_columns([image_column])
+    if image_column != "image":
+        table = table.rename_column(image_column, "image")
+    # add_column joins the small in-memory columns beside the memory-mapped image column (no copy)
+    table = table.add_column("label", labels).add_column("caption", [str(c or "") for c in captions])
+    return _load(stream)(table, size, class_names, on_error, where=where)
+
+
+def _open_hf(root: Path, split: str | None, cache_dir: str | None, where: str) -> datasets.Dataset:
+    """The dataset at `root`: `load_from_disk` output (memory-mapped) or parquet files."""
+    if not root.is_dir():
+        raise DiffxError(f"{where}: not a directory; expected a dataset saved with save_to_disk "
+                         "or a folder of parquet files")
+    parquet = sorted(str(f) for f in root.rglob("*.parquet"))
+    if (root / "dataset_dict.json").is_file() or (root / "state.json").is_file():
+        with _quiet():
+            ds = datasets.load_from_disk(str(root))
+    elif parquet:
+        with _quiet():
+            ds = datasets.Dataset.from_parquet(parquet, cache_dir=cache_dir)
+    else:
+        raise DiffxError(f"{where}: neither a save_to_disk folder (state.json, dataset_dict.json) nor a "
+                         "folder of .parquet files")
+    if isinstance(ds, datasets.DatasetDict):
+        if split is None and len(ds) == 1:
+            split = next(iter(ds))
+        if split not in ds:
+            raise DiffxError(f"data.split={split}: {where} holds splits {sorted(ds)}; expected data.split= one of them")
+        ds = ds[split]
+    return ds
 
 
 def _list_images(root: Path) -> tuple[list[Path], list[int], list[str]]:

@@ -63,6 +63,7 @@ REQUIRED = {
     ("latent", "diffusers_vae"): lambda f: [f"latent.path={f('diffusers_vae_dir')}",
                                             f"latent.cache_dir={f('tmp_path') / 'latents'}"],
     ("data", "imagefolder"): lambda f: [f"data.path={f('image_dir')}"],
+    ("data", "hf"): lambda f: [f"data.path={f('hf_dataset_dir')}"],
     ("text_encoder", "hf"): lambda f: [f"text_encoder.path={f('hf_dirs')['clip']}"],
     ("text_encoder", "clip_t5"): lambda f: [f"text_encoder.encoders.clip.path={f('hf_dirs')['clip']}",
                                             f"text_encoder.encoders.t5.path={f('hf_dirs')['t5']}"],
@@ -78,6 +79,17 @@ def image_dir(tmp_path_factory):
             Image.fromarray(np.full((20, 20, 3), 60 * k + 10 * i, np.uint8)).save(root / cls / f"{i}.png")
     return root
 
+
+@pytest.fixture(scope="module")
+def hf_dataset_dir(tmp_path_factory):
+    """A tiny dataset written with datasets' save_to_disk (no network), for data=hf."""
+    import datasets
+
+    root = tmp_path_factory.mktemp("hf_dataset") / "ds"
+    images = [Image.fromarray(np.full((20, 20, 3), 40 * i, np.uint8)) for i in range(4)]
+    datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()})
+                               ).save_to_disk(str(root))
+    return root
 
 
 def test_the_tree_has_every_required_group():
@@ -112,7 +124,7 @@ def test_option_composes_and_instantiates(group, option, tmp_path, request):
         return
     overrides = [f"{group}={option}", "data.size=16"]
     overrides += REQUIRED.get((group, option), lambda f: [])(request.getfixturevalue)
-    if not (group == "data" and option == "imagefolder"):
+    if not (group == "data" and option in ("imagefolder", "hf")):
         overrides += ["data.n=16", f"data.cache_dir={tmp_path / 'cache'}"]
     cfg = _compose("train", overrides)
     data = instantiate(cfg.data)
