@@ -127,6 +127,8 @@ def train_vae(cfg: DictConfig) -> Path:
             grad_norm = accelerator.clip_grad_norm_(accelerator.unwrap_model(model).autoencoder.parameters(),
                                                     tc.grad_clip or math.inf)
             optimizer.step()
+            if optimizer.step_was_skipped:  # fp16: the loss scaler probing its range, not a diverging run
+                grad_norm = torch.zeros(())
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             ema.update(accelerator.unwrap_model(model).autoencoder)

@@ -83,11 +83,21 @@ def validate(cfg: DictConfig, command: str) -> None:
         raise cause from None
 
 
+def _check_precision(tc: DictConfig) -> None:
+    """fp16 needs a CUDA GPU: on the CPU Accelerate would run float32 while the run says fp16."""
+    import torch
+
+    if tc.mixed_precision not in ("no", "fp16", "bf16"):
+        raise DiffxError(f"train.mixed_precision={tc.mixed_precision}: expected no, fp16 or bf16")
+    if tc.mixed_precision == "fp16" and (tc.get("cpu") or not torch.cuda.is_available()):
+        raise DiffxError("train.mixed_precision=fp16 needs a CUDA GPU, and this run is on the CPU; "
+                         "use train.mixed_precision=bf16 or no")
+
+
 def _check_train(cfg: DictConfig) -> None:
     _check_missing(cfg)
     _check_numbers(cfg, _TRAIN_NUMBERS)
-    if cfg.train.mixed_precision not in ("no", "fp16", "bf16"):
-        raise DiffxError(f"train.mixed_precision={cfg.train.mixed_precision}: expected no, fp16 or bf16")
+    _check_precision(cfg.train)
     _check_numbers(cfg, [("train.sample_every", True, 0, None, True)])  # 0: no sample grids
     _check_numbers(cfg, [("train.keep_last", True, 1, None, True)])  # resume states kept (resume=auto: diffx.config)
     trackers.check(cfg.train.log_with)  # the name, and that its package is installed
@@ -123,8 +133,7 @@ def _check_train_vae(cfg: DictConfig) -> None:
     _check_numbers(cfg, _TRAIN_VAE_NUMBERS)
     for key in ("autoencoder", "discriminator"):
         check_params(cfg[key], key)
-    if cfg.train.mixed_precision not in ("no", "fp16", "bf16"):
-        raise DiffxError(f"train.mixed_precision={cfg.train.mixed_precision}: expected no, fp16 or bf16")
+    _check_precision(cfg.train)
     _check_paths(cfg)
     if cfg.get("resume"):
         check_resumable(cfg.resume)

@@ -238,3 +238,11 @@ def test_a_nan_loss_stops_training_naming_the_steps(tiny_run, tmp_path):
     cfg = _train_cfg(tmp_path, tiny_run, "train.lr=1e30", "train.log_every=2", "train.grad_clip=0")
     with pytest.raises(DiffxError, match=r"loss became (nan|inf) between steps 1 and 2"):
         train(cfg)
+
+
+@pytest.mark.parametrize("command,config", [("train", "train"), ("train-vae", "train_vae")])
+def test_fp16_on_the_cpu_is_refused_in_one_line(command, config):
+    """Accelerate would quietly train in float32 while the run says fp16."""
+    with pytest.raises(DiffxError, match="train.mixed_precision=fp16 needs a CUDA GPU") as e:
+        validate(_cfg(config, ["train.mixed_precision=fp16", "train.cpu=true"]), command)
+    assert "\n" not in str(e.value)
