@@ -56,14 +56,15 @@ def parts_config(cfg: DictConfig) -> dict:
     return {k: OmegaConf.to_container(cfg[k], resolve=True) for k in PARTS if k in cfg}
 
 
-def build(parts: dict | DictConfig, spec: DataSpec) -> Parts:
+def build(parts: dict | DictConfig, spec: DataSpec, latent=None) -> Parts:
     """Instantiate latent, schedule, objective, condition and model; shapes come from ``spec``.
 
     With a text encoder the model is text-conditioned (class labels are then not used) and wrapped
-    with the encoder's trainable head; otherwise it takes the data's class labels, if any.
+    with the encoder's trainable head; otherwise it takes the data's class labels, if any. ``latent``:
+    an already built latent space to reuse (a VAE is read from its file once, not per build).
     """
     parts = OmegaConf.create(parts) if isinstance(parts, dict) else parts
-    latent = instantiate(parts.latent)
+    latent = instantiate(parts.latent) if latent is None else latent
     schedule = instantiate(parts.schedule)
     objective = instantiate(parts.objective, schedule=schedule)
     # `text_encoder=none` composes to an empty mapping; checkpoints older than text have no key.

@@ -106,11 +106,13 @@ def load(path, device=None) -> tuple[Parts, Checkpoint]:
     # The stored config decides the model's size: build it on the meta device first (no memory),
     # so a file whose weights do not match its config is refused before anything is allocated.
     with torch.device("meta"):
-        skeleton = _build(header, where).model
-    check_weights({k: (tuple(v.shape), v.is_floating_point()) for k, v in skeleton.state_dict().items()},
+        skeleton = _build(header, where)
+    check_weights({k: (tuple(v.shape), v.is_floating_point()) for k, v in skeleton.model.state_dict().items()},
                   header.shapes, where)
     ckpt = Checkpoint(header.parts, header.spec, header.step, header.version, _read_weights(path))
-    parts = _build(header, where)
+    # Latent spaces load their weights on the CPU even under the meta device (diffx.latent): reuse it,
+    # so a VAE file is read and hashed once.
+    parts = _build(header, where, latent=skeleton.latent)
     try:
         parts.model.load_state_dict(ckpt.weights, strict=True)
     except RuntimeError as e:
@@ -151,13 +153,13 @@ def _check_params(parts: dict, where: str) -> None:
                 raise DiffxError(f"{where}: its stored config does not fit this diffx: {e}") from None
 
 
-def _build(header: Header, where: str) -> Parts:
+def _build(header: Header, where: str, latent=None) -> Parts:
     """``build()`` with every failure of the stored config turned into one line naming the file."""
     from hydra.errors import InstantiationException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        return build(header.parts, header.spec)
+        return build(header.parts, header.spec, latent)
     except DiffxError as e:
         raise DiffxError(f"{where}: its stored config does not build: {e}") from None
     except (InstantiationException, OmegaConfBaseException, TypeError, ValueError, RecursionError) as e:

@@ -78,6 +78,12 @@ class Preemption:
         flag = torch.tensor([float(self.signum is not None)], device=accelerator.device)
         return accelerator.reduce(flag, "sum").item() > 0
 
+    def save_point(self, step: int, tc, accelerator) -> tuple[bool, bool]:
+        """``(save, stop)`` after optimizer step ``step`` of a run configured by ``tc`` (``train.*``): save
+        every ``save_every`` steps, at the last step, and before stopping for a signal."""
+        stop = step < tc.steps and self.requested(accelerator, sync=step % tc.log_every == 0)
+        return stop or step % tc.save_every == 0 or step == tc.steps, stop
+
     def stopped(self, command: str, run_dir, step: int, main: bool = True) -> Preempted:
         """The exception that ends the run once its state is saved at ``step``; leaving the ``with``
         block, the main process prints one line on how to resume."""

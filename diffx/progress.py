@@ -7,6 +7,7 @@ it runs, and when it ends, so that a slow run is never mistaken for a hung one.
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import contextmanager
 
@@ -111,3 +112,9 @@ def work(description: str, total: int, console: Console | None = None, clock=tim
 
     yield advance
     console.print(f"{description}: {total} in {clock() - start:.1f} s")
+
+
+def log_line(path, step: int, row: dict) -> None:
+    """Append one JSON line ``{"step", **row, "time"}`` to a run's ``log.jsonl`` (main process only)."""
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": step, **row, "time": time.time()}) + "\n")

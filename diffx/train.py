@@ -7,7 +7,6 @@ EMA model's loss on a fixed probe batch (metrics.json) and the loss curve (loss.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from diffx.ema import EMA
 from diffx.errors import DiffxError
 from diffx.latent import encode_once
 from diffx.preemption import Preemption
-from diffx.progress import TrainProgress
+from diffx.progress import TrainProgress, log_line
 from diffx.resume import EpochSampler, save_state
 
 
@@ -144,12 +143,11 @@ def train(cfg: DictConfig) -> Path:
                 row = {"loss": mean_loss, "grad_norm": mean_grad, "lr": scheduler.get_last_lr()[0], "it_s": rate}
                 accelerator.log(row, step=step)  # the tracker, if any
                 if accelerator.is_main_process:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps({"step": step, **row, "time": time.time()}) + "\n")
+                    log_line(log_path, step, row)
                 sums.zero_()
                 window_start, window_steps = now, 0
-            stop = step < tc.steps and preemption.requested(accelerator, sync=step % tc.log_every == 0)
-            if step % tc.save_every == 0 or step == tc.steps or stop:
+            save, stop = preemption.save_point(step, tc, accelerator)
+            if save:
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     checkpoint.save(run_dir / "model.safetensors", ema.state_dict(), parts_cfg, spec, step)

@@ -33,7 +33,7 @@ from diffx.lr_schedules import Constant
 from diffx.models.autoencoder import kl_divergence
 from diffx.models.discriminator import adaptive_weight, frozen_logits, generator_loss, hinge_d_loss
 from diffx.preemption import Preemption
-from diffx.progress import TrainProgress
+from diffx.progress import TrainProgress, log_line
 from diffx.resume import EpochSampler, save_state
 
 LOGGED = ("loss", "rec_l1", "kl", "g_loss", "d_loss", "grad_norm")  # summed over each log window
@@ -147,13 +147,12 @@ def train_vae(cfg: DictConfig) -> Path:
                 now = time.perf_counter()
                 progress.update(step, means["loss"])
                 if accelerator.is_main_process:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps({"step": step, **means, "lr": scheduler.get_last_lr()[0],
-                                            "it_s": window_steps / (now - window_start), "time": time.time()}) + "\n")
+                    log_line(log_path, step, {**means, "lr": scheduler.get_last_lr()[0],
+                                              "it_s": window_steps / (now - window_start)})
                 sums.zero_()
                 window_start, window_steps = now, 0
-            stop = step < tc.steps and preemption.requested(accelerator, sync=step % tc.log_every == 0)
-            if step % tc.save_every == 0 or step == tc.steps or stop:
+            save, stop = preemption.save_point(step, tc, accelerator)
+            if save:
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     # The latent scale is fitted to these weights, on the images they were trained on.
