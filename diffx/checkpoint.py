@@ -32,14 +32,18 @@ _SPEC_MAX = {"channels": 64, "image_size": 16384, "num_classes": 1_000_000}
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 
-def save(path, weights: dict[str, torch.Tensor], parts: dict, spec: DataSpec, step: int) -> None:
-    """Write inference weights and everything needed to rebuild the model, atomically."""
+def save(path, weights: dict[str, torch.Tensor], parts: dict, spec: DataSpec, step: int,
+         sampling: dict | None = None) -> None:
+    """Write inference weights and everything needed to rebuild the model, atomically. ``sampling``: a
+    distilled student's native plan, ``{"steps": N, "ts": [N + 1 times], "method": ...}`` (``diffx distill``),
+    which ``diffx sample`` and ``diffx eval`` use when ``steps`` is null."""
     metadata = {
         "format": FORMAT,
         "diffx_version": __version__,
         "step": str(step),
         "config": json.dumps(parts),
         "spec": json.dumps(spec.to_dict()),
+        **({"sampling": json.dumps(sampling)} if sampling else {}),
     }
     tensors = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
     atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
@@ -55,6 +59,7 @@ class Header:
     step: int
     version: str
     shapes: dict[str, tuple[tuple[int, ...], str]]  # tensor name -> (shape, safetensors dtype)
+    sampling: dict | None = None  # a distilled student's native steps and grid (``save``)
 
 
 @dataclass
@@ -64,6 +69,7 @@ class Checkpoint:
     step: int
     version: str
     weights: dict[str, torch.Tensor]
+    sampling: dict | None = None
 
 
 def read_header(path) -> Header:
@@ -82,13 +88,13 @@ def read_header(path) -> Header:
     parts, spec, step = _parse_metadata(meta, where)
     check_config(parts, where)
     _check_params(parts, where)
-    return Header(path, parts, spec, step, meta["diffx_version"], shapes)
+    return Header(path, parts, spec, step, meta["diffx_version"], shapes, _parse_sampling(meta, where))
 
 
 def read(path) -> Checkpoint:
     """Read and validate a checkpoint and its weights; every failure is a DiffxError naming the file."""
     header = read_header(path)
-    return Checkpoint(header.parts, header.spec, header.step, header.version, _read_weights(path))
+    return Checkpoint(header.parts, header.spec, header.step, header.version, _read_weights(path), header.sampling)
 
 
 def _read_weights(path) -> dict[str, torch.Tensor]:
@@ -109,7 +115,7 @@ def load(path, device=None) -> tuple[Parts, Checkpoint]:
         skeleton = _build(header, where)
     check_weights({k: (tuple(v.shape), v.is_floating_point()) for k, v in skeleton.model.state_dict().items()},
                   header.shapes, where)
-    ckpt = Checkpoint(header.parts, header.spec, header.step, header.version, _read_weights(path))
+    ckpt = Checkpoint(header.parts, header.spec, header.step, header.version, _read_weights(path), header.sampling)
     # Latent spaces load their weights on the CPU even under the meta device (diffx.latent): reuse it,
     # so a VAE file is read and hashed once.
     parts = _build(header, where, latent=skeleton.latent)
@@ -192,16 +198,35 @@ def _parse_metadata(meta: dict, where: str) -> tuple[dict, DataSpec, int]:
     return parts, spec, step
 
 
+def _parse_sampling(meta: dict, where: str) -> dict | None:
+    """A student's native plan: ``steps`` >= 1 and ``ts``, steps + 1 times falling from <= 1 to 0."""
+    if "sampling" not in meta:
+        return None
+    try:
+        d = json.loads(meta["sampling"])
+    except (ValueError, RecursionError) as e:
+        raise DiffxError(f"{where}: malformed metadata sampling ({first_line(e)}); the file is corrupted") from None
+    ts, steps = d.get("ts") if isinstance(d, dict) else None, d.get("steps") if isinstance(d, dict) else None
+    ok = (isinstance(steps, int) and not isinstance(steps, bool) and 1 <= steps <= 100_000 and isinstance(ts, list)
+          and len(ts) == steps + 1 and all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in ts)
+          and ts[0] <= 1 and ts[-1] == 0 and all(a > b for a, b in zip(ts, ts[1:])))
+    _expect(ok, where, "metadata sampling is not {steps: N, ts: N + 1 decreasing times from <= 1 to 0}")
+    return d
+
+
 def parse_spec(d: dict, where: str) -> DataSpec:
     names = d.get("class_names", [])
     _expect(isinstance(names, list) and all(isinstance(n, str) for n in names), where,
             "metadata spec.class_names is not a list of strings")
+    vocabulary = d.get("vocabulary", [])
+    _expect(isinstance(vocabulary, list) and all(isinstance(w, str) for w in vocabulary), where,
+            "metadata spec.vocabulary is not a list of strings")
     try:
-        spec = DataSpec(**{**d, "class_names": tuple(names)})
+        spec = DataSpec(**{**d, "class_names": tuple(names), "vocabulary": tuple(vocabulary)})
     except TypeError as e:
         raise DiffxError(f"{where}: metadata spec has the wrong keys ({first_line(e)})") from None
     for k, v in asdict(spec).items():
-        if k != "class_names":
+        if k not in ("class_names", "vocabulary"):
             ok = isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= _SPEC_MAX.get(k, 1_000_000)
             _expect(ok, where, f"metadata spec.{k}={v!r} is not an integer in 0..{_SPEC_MAX.get(k, 1_000_000)}")
     _expect(spec.channels >= 1 and spec.image_size >= 1, where, "metadata spec has zero channels or image size")

@@ -9,6 +9,7 @@ for the full trace.
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 COMMANDS = {
@@ -18,7 +19,9 @@ COMMANDS = {
     "eval": ("diffx.evaluate", "evaluate", "score prompt adherence of a checkpoint trained on data=shapes"),
     "train-vae": ("diffx.train_vae", "train_vae", "train the KL autoencoder of latent diffusion (vae.safetensors)"),
     "interpolate": ("diffx.interpolate", "interpolate", "slerp between two seeds' noises: a strip PNG and a GIF"),
+    "fit-laplace": ("diffx.fit_laplace", "fit_laplace", "fit a Bayesian last layer for per-pixel uncertainty (laplace.safetensors)"),
     "report": ("diffx.report", "report", "a table, report.csv and report.png of a sweep's jobs (diffx train -m)"),
+    "distill": ("diffx.distill_cmd", "distill", "retrain a checkpoint into a few-step student (progressive, guided, reflow)"),
 }
 
 # What a command's job gives back to Hydra, for a sweeper that optimises a number (hydra/sweeper=optuna):
@@ -40,7 +43,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"diffx: unknown command {command!r}; expected one of {', '.join(COMMANDS)}\n\n{USAGE}", file=sys.stderr)
         return 2
     verbose = "--verbose" in rest or os.environ.get("HYDRA_FULL_ERROR") == "1"
-    return _run_hydra(command, [a for a in rest if a != "--verbose"], verbose)
+    return _run_hydra(command, quote_free_text([a for a in rest if a != "--verbose"]), verbose)
+
+
+# Keys whose value is free text, not Hydra syntax: a prompt may hold commas, quotes, brackets or "${".
+FREE_TEXT = ("prompt", "negative_prompt")
+
+
+def quote_free_text(args: list[str]) -> list[str]:
+    """``prompt=a red circle, small`` -> ``prompt="a red circle, small"``: Hydra reads an unquoted
+    comma as a sweep or an ambiguous value and an apostrophe as the start of a string, so a free-text
+    value is handed to Hydra as one quoted string (its quotes, backslashes before them, and ``${``
+    escaped). Left as typed: a value already quoted ('...' or "..."), a list ([...]) for several
+    prompts, an empty value, and every value under ``-m`` (where a comma means a sweep)."""
+    if "-m" in args or "--multirun" in args:
+        return args
+    out = []
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        if eq and key.lstrip("+~") in FREE_TEXT and value and value[0] not in "'\"[":
+            # backslashes are literal to Hydra except in a run before a quote or the closing quote
+            escaped = re.sub(r'(\\*)("|$)', lambda m: 2 * m[1] + ("\\" + m[2] if m[2] else ""), value)
+            escaped = escaped.replace("${", "\\${")
+            arg = f'{key}="{escaped}"'
+        out.append(arg)
+    return out
 
 
 def _run_hydra(command: str, args: list[str], verbose: bool) -> int:

@@ -28,6 +28,7 @@ from diffx.errors import DiffxError
 
 from diffx.models.conditioned import TextConditioned
 from diffx.progress import work
+from diffx.text import words as text_words
 
 NULL_LABEL = -1
 
@@ -81,6 +82,10 @@ class Source:
         if label not in (None, "random"):
             raise DiffxError(f"label={label}: this checkpoint is unconditional (it has no classes)")
         return [None] * len(seeds)
+
+    def notes(self, inputs: list, vocabulary=()) -> list[str]:
+        """Warnings about what the model will make of these inputs (prompts it cannot read in full)."""
+        return []
 
     def image_sets(self, options, seeds: list[int]) -> list[ImageSet]:
         """What ``diffx sample`` draws: one set, in the output folder itself."""
@@ -209,6 +214,26 @@ class Text(Source):
 
     def input_for(self, caption: str, class_name: str) -> str:
         return caption
+
+    def notes(self, inputs: list, vocabulary=()) -> list[str]:
+        """One line per prompt the model cannot take as written: the empty prompt (it draws unconditional
+        samples), words past the encoder's ``max_length`` (dropped), and, for an encoder trained from
+        scratch with the model (``text_encoder=tiny``), words no training caption held (``vocabulary``:
+        the checkpoint's ``spec.vocabulary``; the model has learnt nothing about them)."""
+        lines, known = [], set(vocabulary)
+        for prompt in dict.fromkeys(str(p) for p in inputs):
+            if not prompt.strip():
+                lines.append("prompt='' is the empty prompt: these images are unconditional (the null condition)")
+                continue
+            cut = self.encoder.cut(prompt) if hasattr(self.encoder, "cut") else ""
+            if cut:
+                lines.append(f"prompt {prompt!r} is longer than text_encoder.max_length: {cut!r} is cut off")
+            if known and not getattr(self.encoder, "pretrained", True):
+                unseen = [w for w in dict.fromkeys(text_words(prompt)) if w not in known]
+                if unseen:
+                    lines.append(f"prompt {prompt!r}: {', '.join(unseen)} never appeared in a training caption; the "
+                                 f"{type(self.encoder).__name__} encoder knows only those words")
+        return lines
 
 
 def of(text_encoder, spec) -> Source:

@@ -31,11 +31,14 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
+from omegaconf import ListConfig
 from PIL import Image, ImageOps
 
 from diffx import shapes as shape_rules
 from diffx.atomic import atomic_dir
+from diffx.captions import captions as describe_all
 from diffx.errors import DiffxError
+from diffx import holdout as holdouts
 from diffx.progress import work
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -230,18 +233,29 @@ def shapes(
     colors=shape_rules.COLORS,
     cache_dir: str | None = None,
     stream: bool = False,
+    captions: str = "template",
+    holdout=None,
 ) -> ImageData:
     """Procedural shapes: one shape per image, label = (shape, colour) pair, attributes as caption.
 
-    Deterministic in (size, n, seed, shapes, colors); rendered once, then loaded from the Arrow
-    cache at `cache_dir/<hash of params>` (default `~/.cache/diffx/shapes`). stream=true decodes
-    each item from the memory-mapped cache instead of holding all of them (`_stream`).
+    Deterministic in (size, n, seed, shapes, colors, captions, holdout); rendered once, then loaded
+    from the Arrow cache at `cache_dir/<hash of params>` (default `~/.cache/diffx/shapes`).
+    stream=true decodes each item from the memory-mapped cache instead of holding all of them
+    (`_stream`). captions: `template` (one grammar) or `augmented` (several phrasings and synonyms,
+    diffx.captions); holdout: attribute combinations never drawn (diffx.holdout).
     """
     shape_names, color_names = shape_rules.check(shapes, colors)
     if size < 8 or n < 1:
         raise DiffxError(f"data.size={size}, data.n={n}: expected size >= 8 and n >= 1")
+    if captions not in ("template", "augmented"):
+        raise DiffxError(f"data.captions={captions!r}: expected template or augmented")
+    holdout = list(holdout) if isinstance(holdout, (list, tuple, ListConfig)) else holdout
+    excluded = holdouts.held_out(holdout, shape_names, color_names, int(seed))  # checks data.holdout
     params = {"size": int(size), "n": int(n), "seed": int(seed), "shapes": list(shape_names),
-              "colors": list(color_names), "version": _SHAPES_VERSION}
+              "colors": list(color_names), "version": _SHAPES_VERSION,
+              # only when set, so that the caches (and images) of earlier versions stay valid
+              **({"captions": captions} if captions != "template" else {}),
+              **({"holdout": [list(holdouts.key(a)) for a in excluded]} if excluded else {})}
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(cache_dir or "~/.cache/diffx/shapes").expanduser() / key
     if not root.exists():
@@ -255,11 +269,16 @@ def _render_shapes(params: dict) -> datasets.Dataset:
     size, n, shapes, colors = params["size"], params["n"], params["shapes"], params["colors"]
     rng = np.random.default_rng(params["seed"])
     sizes, positions = list(shape_rules.SIZES), list(shape_rules.POSITIONS)
-    s_idx, c_idx = rng.integers(len(shapes), size=n), rng.integers(len(colors), size=n)
-    z_idx, p_idx = rng.integers(len(sizes), size=n), rng.integers(len(positions), size=n)
+    if "holdout" not in params:
+        s_idx, c_idx = rng.integers(len(shapes), size=n), rng.integers(len(colors), size=n)
+        z_idx, p_idx = rng.integers(len(sizes), size=n), rng.integers(len(positions), size=n)
+        attrs = [{"shape": shapes[a], "color": colors[b], "size": sizes[c], "position": positions[d]}
+                 for a, b, c, d in zip(s_idx, c_idx, z_idx, p_idx)]
+    else:  # uniform over the combinations that are not held out
+        excluded = {tuple(k) for k in params["holdout"]}
+        allowed = [a for a in holdouts.combinations(shapes, colors) if holdouts.key(a) not in excluded]
+        attrs = [allowed[i] for i in rng.integers(len(allowed), size=n)]
     jitter = rng.uniform(-shape_rules.JITTER, shape_rules.JITTER, size=(n, 2))
-    attrs = [{"shape": shapes[a], "color": colors[b], "size": sizes[c], "position": positions[d]}
-             for a, b, c, d in zip(s_idx, c_idx, z_idx, p_idx)]
     with work(f"rendering {n} shapes at {size}x{size} (cached for later runs)", n) as advance:
         images = []
         for a, j in zip(attrs, jitter):
@@ -267,13 +286,38 @@ def _render_shapes(params: dict) -> datasets.Dataset:
             advance()
     columns = {
         "image": images,
-        "label": s_idx * len(colors) + c_idx,
-        "caption": [shape_rules.caption(a) for a in attrs],
+        "label": [shapes.index(a["shape"]) * len(colors) + colors.index(a["color"]) for a in attrs],
+        "caption": describe_all(attrs, params.get("captions", "template"), params["seed"]),
         **{k: [a[k] for a in attrs] for k in ("shape", "color", "size", "position")},
     }
     features = datasets.Features({**_FEATURES, **{k: datasets.Value("string") for k in attrs[0]}})
     info = datasets.DatasetInfo(description=json.dumps({"diffx.data.shapes": params}), features=features)
     return datasets.Dataset.from_dict(columns, features=features, info=info)
+
+
+DIGIT_NAMES = [str(d) for d in range(10)]
+
+
+def digits(size: int = 16) -> ImageData:
+    """scikit-learn's bundled handwritten digits (UCI optdigits test set: 1797 images, 8x8, 17 grey
+    levels, labels 0-9), grey, one channel, upsampled to ``size`` (bilinear); caption "the digit 3".
+
+    Read from the file inside scikit-learn (the ``digits`` extra): nothing is downloaded, and it loads in
+    milliseconds, so unlike ``shapes`` it is not cached. Always held in memory (it is 0.5 MB at 16x16).
+    """
+    try:
+        from sklearn.datasets import load_digits  # optional: pip install -e ".[digits]"
+    except ImportError as e:
+        raise DiffxError('data=digits needs scikit-learn: pip install -e ".[digits]"') from e
+    if size < 8:
+        raise DiffxError(f"data.size={size}: expected size >= 8 (the digits are 8x8)")
+    bunch = load_digits()
+    grey = np.round(bunch.images * (255 / 16)).astype(np.uint8)  # (N, 8, 8): 0..16 -> 0..255
+    pixels = np.stack([np.array(Image.fromarray(g).resize((size, size), Image.Resampling.BILINEAR)) for g in grey])
+    images = torch.from_numpy(pixels).unsqueeze(1).contiguous()  # (N, 1, size, size)
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    held = HeldImages(images, labels, [f"the digit {d}" for d in bunch.target])
+    return ImageData(dataset=held, channels=1, image_size=size, num_classes=10, class_names=list(DIGIT_NAMES))
 
 
 def _png(pixels: np.ndarray) -> dict:

@@ -27,6 +27,7 @@ from diffx.images import to_uint8
 from diffx.samplers import inpaint
 from diffx.samplers import plan as plans
 from diffx.samplers.denoiser import Denoiser, make_denoiser
+from diffx.samplers.single import ddim
 from diffx.tensors import bcast
 
 
@@ -51,7 +52,8 @@ class Request:
     Optionally: ``noise`` (N, C, H, W), start noises to use instead of the seeds' (the seeds then feed
     only a stochastic sampler's fresh noise); ``others`` and ``weights``, a second input per image and
     its weight w: the denoiser is then ``(1 - w) D(x | input) + w D(x | other)`` (``Mixture``);
-    ``start``, an image to start from (img2img, inpainting)."""
+    ``start``, an image to start from (img2img, inpainting); ``rescale`` and ``interval``, the
+    guidance's options (``diffx.samplers.denoiser``: CFG rescale, a guidance interval in t)."""
 
     seeds: list[int]
     inputs: list
@@ -61,6 +63,8 @@ class Request:
     others: list | None = None
     weights: list[float] | None = None
     start: Start | None = None
+    rescale: float = 0.0
+    interval: tuple[float, float] | None = None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -69,8 +73,43 @@ def resolve_device(device: str) -> torch.device:
 
 
 def sampling_plan(cfg, schedule) -> plans.Plan:
-    """The sampling plan a command's config asks for: ``sampler=``, ``grid=`` and ``steps=``."""
+    """The sampling plan a command's config asks for: ``sampler=``, ``grid=`` and ``steps=``.
+
+    A distilled student (``diffx distill``) records its native step count and call times in its
+    checkpoint: with ``steps`` null and neither ``sampler=`` nor ``grid=`` given on the command line, it
+    runs on them with DDIM (Euler on a flow path), the one-step update its targets were built for."""
+    native = _native_sampling(cfg)
+    if native is not None:
+        return plans.Plan(ddim, torch.tensor(native["ts"], dtype=torch.float64), "ddim", native["steps"], True,
+                          f"native ({native.get('method', 'distilled')})")
     return plans.make(instantiate(cfg.sampler), instantiate(cfg.grid), cfg.get("steps"), schedule)
+
+
+def _native_sampling(cfg) -> dict | None:
+    """The checkpoint's native plan (``checkpoint.Header.sampling``), unless the request overrides it."""
+    ckpt = cfg.get("ckpt")
+    if not isinstance(ckpt, str) or cfg.get("steps") is not None or _on_command_line("sampler", "grid"):
+        return None
+    from diffx import checkpoint  # here: most commands never read a header twice
+
+    return checkpoint.read_header(ckpt).sampling
+
+
+def _on_command_line(*groups: str) -> bool:
+    """Whether the user's overrides (Hydra's record of this run) set any of ``groups`` or their keys."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return False
+    keys = (o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] for o in HydraConfig.get().overrides.task)
+    return any(k in groups for k in keys)
+
+
+def guidance_options(cfg) -> dict:
+    """``guidance.rescale`` and ``guidance.interval`` of a command's config, as ``Request`` fields."""
+    g = cfg.get("guidance") or {}
+    interval = g.get("interval")
+    return {"rescale": g.get("rescale", 0.0), "interval": None if interval is None else tuple(interval)}
 
 
 def check_guidance(scale: float, parts: Parts, ckpt) -> None:
@@ -85,13 +124,27 @@ def start_noise(parts: Parts, generators: list[torch.Generator], device) -> Tens
     return noise.randn((len(generators), *parts.x0_shape), generators, device)
 
 
-def denoiser(parts: Parts, inputs: list, negatives: list | None, scale: float, device) -> Denoiser:
+def denoiser(parts: Parts, inputs: list, negatives: list | None, scale: float, device, rescale: float = 0.0,
+             interval=None) -> Denoiser:
     """The denoiser for one batch: its conditions encoded, guided at ``scale``, x0 clipped to the
     latent space's range."""
     condition = parts.condition
     cond = condition.encode(inputs, device)
+    if takes_guidance(parts.model):
+        # a guided-distilled student (Meng et al. 2023): the scale is an input, one pass per step, no uncond
+        if negatives is not None:
+            raise DiffxError("a guided-distilled student has no unconditional pass to steer away from negatives; "
+                             "leave negative_prompt empty")
+        cond = {**cond, "w": torch.full((len(inputs),), float(scale), device=device)}
+        return make_denoiser(parts.model, parts.objective, cond, None, cfg_scale=1.0, x0_range=parts.latent.x0_range)
     uncond = condition.null(len(inputs), device) if negatives is None else condition.encode(negatives, device)
-    return make_denoiser(parts.model, parts.objective, cond, uncond, cfg_scale=scale, x0_range=parts.latent.x0_range)
+    return make_denoiser(parts.model, parts.objective, cond, uncond, cfg_scale=scale, x0_range=parts.latent.x0_range,
+                         rescale=rescale, interval=interval)
+
+
+def takes_guidance(model) -> bool:
+    """Whether ``model`` (or the net inside a text wrapper) takes the guidance scale as ``cond["w"]``."""
+    return bool(getattr(getattr(model, "net", model), "guidance_embed", False))
 
 
 class Mixture:
@@ -120,11 +173,11 @@ class Mixture:
 
 
 def mixture(parts: Parts, inputs: list, others: list, weights: list[float], negatives: list | None, scale: float,
-            device) -> Mixture:
+            device, rescale: float = 0.0, interval=None) -> Mixture:
     """The denoiser mixing each image's condition ``inputs[i]`` with ``others[i]`` at weight ``weights[i]``,
     each guided at ``scale`` (``Mixture``)."""
     both = denoiser(parts, list(inputs) + list(others), None if negatives is None else list(negatives) * 2,
-                    scale, device)
+                    scale, device, rescale, interval)
     return Mixture(both, torch.tensor(weights, dtype=torch.float64))
 
 
@@ -198,9 +251,11 @@ def generate(parts: Parts, plan: plans.Plan, request: Request, batch_size: int, 
         gens = noise.generators(request.seeds[rows])
         z = start_noise(parts, gens, device) if request.noise is None else request.noise[rows].to(device)
         negatives = None if request.negatives is None else request.negatives[rows]
-        denoise = (denoiser(parts, request.inputs[rows], negatives, request.cfg, device) if request.others is None
+        options = {"rescale": request.rescale, "interval": request.interval}
+        denoise = (denoiser(parts, request.inputs[rows], negatives, request.cfg, device, **options)
+                   if request.others is None
                    else mixture(parts, request.inputs[rows], request.others[rows], request.weights[rows], negatives,
-                                request.cfg, device))
+                                request.cfg, device, **options))
         x0 = draw(plan, parts.objective.schedule, denoise, z, gens, request.start)
         images.append(to_uint8(parts.latent.decode(x0)))
         nfe = denoise.nfe

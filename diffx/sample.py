@@ -18,8 +18,10 @@ from rich.console import Console
 
 from diffx import checkpoint
 from diffx.errors import DiffxError
-from diffx.generate import Request, check_guidance, generate, image_start, resolve_device, sampling_plan
+from diffx.generate import (Request, check_guidance, generate, guidance_options, image_start, resolve_device,
+                            sampling_plan)
 from diffx.images import grid, save_png
+from diffx.uncertainty import sampling as uncertain
 
 
 def sample(cfg: DictConfig) -> list[Path]:
@@ -42,6 +44,8 @@ def sample(cfg: DictConfig) -> list[Path]:
         raise DiffxError(f"{clash[0]} already exists ({len(clash)} of the outputs do); "
                          "choose another out= or seed=, or pass overwrite=true")
 
+    for line in parts.condition.notes([s.inputs[0] for s in sets], ckpt.spec.vocabulary):
+        console.print(f"warning: {line}", soft_wrap=True, markup=False)
     plan = sampling_plan(cfg, parts.objective.schedule)
     if plan.note:
         console.print(f"note: {plan.note}")
@@ -50,16 +54,34 @@ def sample(cfg: DictConfig) -> list[Path]:
         start = image_start(parts, cfg.init_image, cfg.strength, cfg.mask, cfg.resample, device)
         start_text = {"init_image": cfg.init_image, "strength": start.strength,
                    **({"mask": cfg.mask, "resample": cfg.resample} if cfg.mask else {})}
-    for image_set in sets:
-        folder = out / image_set.name
-        request = Request(seeds, image_set.inputs, image_set.negatives, cfg.cfg, start=start)
-        images, nfe = generate(parts, plan, request, cfg.batch_size, device)
+    # Every set in one request, so a prompt file is drawn in batches across its prompts; image i of
+    # each set keeps seed + i (diffx.generate: one generator per image), so batching changes nothing.
+    request = Request(seeds * len(sets), [x for s in sets for x in s.inputs],
+                      None if sets[0].negatives is None else [x for s in sets for x in s.negatives], cfg.cfg,
+                      start=start, **guidance_options(cfg))
+    kept = None
+    if cfg.uncertainty.enabled:  # the variance of each image under the last layer's posterior (diffx.uncertainty)
+        posterior = uncertain.load_posterior(cfg.uncertainty, cfg.ckpt, parts)
+        everything, nfe, variance = uncertain.generate(cfg.uncertainty, posterior, parts, plan, request,
+                                                       cfg.batch_size, device)
+        kept = uncertain.report(cfg.uncertainty, out, [s.name for s in sets], seeds, everything, variance,
+                                {"sampler": plan.name, "steps": plan.steps, "cfg": cfg.cfg, "ckpt": str(cfg.ckpt)})
+        console.print(f"uncertainty ({cfg.uncertainty.method}): {uncertain.spread(uncertain.scores(variance))}; "
+                      f"maps and {out / 'uncertainty.jsonl'}")
+    else:
+        everything, nfe = generate(parts, plan, request, cfg.batch_size, device)
+    for k, image_set in enumerate(sets):
+        folder, images = out / image_set.name, everything[k * cfg.n: (k + 1) * cfg.n]
+        if kept is not None:  # uncertainty.filter dropped the most uncertain of this set
+            images, seeds_k, info_k = images[kept[k]], [seeds[i] for i in kept[k]], [image_set.info[i] for i in kept[k]]
+        else:
+            seeds_k, info_k = seeds, image_set.info
         folder.mkdir(parents=True, exist_ok=True)
-        for i, seed in enumerate(seeds):
+        for i, seed in enumerate(seeds_k):
             text = {"seed": seed, "sampler": plan.name, "steps": plan.steps, "nfe": nfe, "cfg": cfg.cfg,
-                    "ckpt": str(cfg.ckpt), "step": ckpt.step, **start_text, **image_set.info[i]}
-            save_png(folder / names[i], images[i], text)
+                    "ckpt": str(cfg.ckpt), "step": ckpt.step, **start_text, **info_k[i]}
+            save_png(folder / f"seed{seed:06d}.png", images[i], text)
         save_png(folder / names[-1], grid(images, upscale=max(1, 128 // ckpt.spec.image_size)))
-        console.print(f"wrote {cfg.n} images ({plan.name}, {plan.steps} steps, {nfe} NFE per batch, "
+        console.print(f"wrote {len(seeds_k)} images ({plan.name}, {plan.steps} steps, {nfe} NFE per batch, "
                       f"cfg={cfg.cfg}) to {folder}\ngrid: {folder / names[-1]}")
     return files

@@ -28,6 +28,11 @@ from diffx.errors import DiffxError
 from diffx.models.layers import Attention, Mlp
 
 
+def words(text: str) -> list[str]:
+    """The lower-cased words of a prompt, as the word tokenizer splits them."""
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
 class WordTokenizer:
     """Lower-cased words -> ids by a stable hash into ``vocab_size`` buckets (the hashing trick,
     Weinberger et al. 2009): an open vocabulary with no vocabulary file. Id 0 is padding; id 1 is a
@@ -48,7 +53,7 @@ class WordTokenizer:
     def __call__(self, prompts: list[str]) -> dict[str, Tensor]:
         ids = torch.zeros(len(prompts), self.max_length, dtype=torch.long)
         for i, prompt in enumerate(prompts):
-            row = [self.START] + [self.word_id(w) for w in re.findall(r"[a-z0-9]+", prompt.lower())]
+            row = [self.START] + [self.word_id(w) for w in words(prompt)]
             row = row[: self.max_length]  # longer prompts are truncated, as CLIP's tokenizer does at 77
             ids[i, : len(row)] = torch.tensor(row)
         return {"ids": ids, "mask": ids != self.PAD}
@@ -99,8 +104,14 @@ class Tiny:
         self.width, self.depth, self.heads = width, depth, heads
         self.dim = self.pooled_dim = width
 
+    pretrained = False  # it knows only the words of its training captions
+
     def features(self, prompts: list[str], device=None) -> dict[str, Tensor]:
         return {k: v.to(device) for k, v in self.tokenizer(prompts).items()}
+
+    def cut(self, prompt: str) -> str:
+        """The words of ``prompt`` past ``max_length`` (the start token counts), which the encoder drops."""
+        return " ".join(words(prompt)[self.tokenizer.max_length - 1:])
 
     def head(self) -> nn.Module:
         t = self.tokenizer
@@ -184,6 +195,14 @@ class HF:
         mask = batch["attention_mask"].bool()
         tokens = out.last_hidden_state.float() * mask[..., None]
         return {"tokens": tokens, "mask": mask, "pooled": self.pool(out, mask).float()}
+
+    def cut(self, prompt: str) -> str:
+        """The text of ``prompt`` past ``max_length`` tokens, which the encoder drops."""
+        if self.tokenizer is None:
+            self.load()
+        ids = self.tokenizer(prompt, truncation=False)["input_ids"]
+        return self.tokenizer.decode(ids[self.max_length - 1:], skip_special_tokens=True).strip() \
+            if len(ids) > self.max_length else ""
 
     def head(self) -> nn.Module:
         return nn.Identity()

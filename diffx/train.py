@@ -23,6 +23,7 @@ from diffx.config import launched_processes
 from diffx.ema import EMA
 from diffx.errors import DiffxError
 from diffx.latent import encode_once
+from diffx.metrics import suite
 from diffx.preemption import Preemption
 from diffx.progress import TrainProgress, log_line
 from diffx.resume import EpochSampler, save_state
@@ -155,6 +156,15 @@ def train(cfg: DictConfig) -> Path:
             if tc.sample_every and step % tc.sample_every == 0 and accelerator.is_main_process:
                 path = run_dir / "samples" / f"step{step:06d}.png"
                 monitor.save_preview(path, parts, ema.model, preview_inputs, step, accelerator.device)
+            if tc.eval_every and step % tc.eval_every == 0 and accelerator.is_main_process:
+                # sample metrics of the EMA weights (diffx.metrics), logged beside the loss, with their grid
+                scores = suite.during_training(list(tc.eval_metrics), parts, ema.model, parts_cfg["data"], data,
+                                               suite.Options(samples=tc.eval_samples, reference_images=tc.eval_reference,
+                                                             seed=0),
+                                               tc.eval_cfg, accelerator.device,
+                                               run_dir / "samples" / f"eval_step{step:06d}.png")
+                accelerator.log(scores, step=step)
+                log_line(log_path, step, scores)
             if stop:
                 raise preemption.stopped("train", run_dir, step, accelerator.is_main_process)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from diffx import trackers
@@ -99,6 +99,7 @@ def _check_train(cfg: DictConfig) -> None:
     _check_numbers(cfg, _TRAIN_NUMBERS)
     _check_precision(cfg.train)
     _check_numbers(cfg, [("train.sample_every", True, 0, None, True)])  # 0: no sample grids
+    _check_eval_every(cfg.train)
     _check_numbers(cfg, [("train.keep_last", True, 1, None, True)])  # resume states kept (resume=auto: diffx.config)
     trackers.check(cfg.train.log_with)  # the name, and that its package is installed
     if not isinstance(cfg.train.compile, bool):
@@ -119,6 +120,26 @@ def _check_train(cfg: DictConfig) -> None:
         if isinstance(cfg.get(key), DictConfig):
             check_params(cfg[key], key)
     _dry_build(cfg)
+
+
+def _check_eval_every(tc: DictConfig) -> None:
+    """train.eval_every (0: off) and, when on, its metric names and counts (diffx.metrics.suite)."""
+    every = tc.get("eval_every", 0)
+    if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+        raise DiffxError(f"train.eval_every={every}: expected an integer >= 0 (0: no evaluation during training)")
+    if every:
+        from diffx.metrics.suite import METRICS
+
+        names = list(tc.eval_metrics) if isinstance(tc.eval_metrics, ListConfig) else [tc.eval_metrics]
+        if not names or any(m not in METRICS for m in names):
+            raise DiffxError(f"train.eval_metrics={names}: expected a list of {', '.join(METRICS)}")
+        for key in ("eval_samples", "eval_reference"):
+            if not isinstance(tc[key], int) or tc[key] < 2:
+                raise DiffxError(f"train.{key}={tc[key]}: expected an integer >= 2")
+        if {"fid", "kid"} & set(names):
+            from diffx.metrics import inception
+
+            inception.path()  # installed, before the first evaluation rather than at it
 
 
 def _check_train_vae(cfg: DictConfig) -> None:
@@ -213,10 +234,17 @@ def _check_calibrate(cfg: DictConfig) -> None:
     agree with ``steps``) and the sampler declares itself deterministic, so it can be traced."""
     if not isinstance(cfg.learn_times, bool):
         raise DiffxError(f"learn_times={cfg.learn_times}: expected true or false")
-    plan = _check_sample(cfg, _CALIBRATE_NUMBERS)
-    if not plan.deterministic:
-        raise DiffxError(f"sampler={plan.name} is stochastic: calibrate starts from a deterministic sampler, "
-                         "whose steps are a linear map of the start noise")
+    steps = cfg.steps
+    if isinstance(steps, ListConfig):  # several NFE fitted at once from shared reference solves
+        if not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in steps):
+            raise DiffxError(f"steps={list(steps)}: expected a positive integer or a list of them, e.g. [5,10,20]")
+    for one_steps in (list(steps) if isinstance(steps, ListConfig) else [steps]):
+        one = cfg.copy()
+        one.steps = one_steps
+        plan = _check_sample(one, _CALIBRATE_NUMBERS)
+        if not plan.deterministic:
+            raise DiffxError(f"sampler={plan.name} is stochastic: calibrate starts from a deterministic sampler, "
+                             "whose steps are a linear map of the start noise")
 
 
 def _check_other(cfg: DictConfig) -> None:

@@ -14,8 +14,9 @@ k-diffusion's at the sigma it passes. A sampler that starts short of t = 1 is sc
 solution from its own start. Samplers marked * are stochastic (scored against the same ODE endpoint,
 for reference only); NFE in parentheses where a sampler cannot hit the budget exactly.
 
-    python scripts/bench_samplers.py                # the README table, ~17 minutes on one core (fits included)
+    python scripts/bench_samplers.py                # the 8-D table, ~17 minutes on one core (fits included)
     python scripts/bench_samplers.py --learned-nfe  # without the fitted solvers, ~4 minutes
+    python scripts/bench_samplers.py --defaults --dim 64 --seeds 0 1 2 3   # sampler=auto's table (README)
     python scripts/bench_samplers.py --nfe 10 --cases flow-linear --all --std 0.2
 """
 
@@ -36,7 +37,7 @@ import torch
 from scipy.integrate import solve_ivp
 
 from diffx import grids, samplers, schedules
-from diffx.samplers import learned
+from diffx.samplers import calibration
 from diffx.objectives import DDPM, Flow
 from diffx.time_sampling import uniform as uniform_t
 
@@ -87,7 +88,9 @@ CASES = {c.name: c for c in [
     Case("ddpm-linear", DDPM(schedules.ddpm_linear(), uniform_t), {"beta_schedule": "linear"}, False),
     Case("ddpm-cosine", DDPM(schedules.ddpm_cosine(), uniform_t), {"beta_schedule": "squaredcos_cap_v2"}, False),
     Case("flow-linear", Flow(schedules.FlowLinear(), uniform_t), {}, True),
+    Case("flow-cosine", Flow(schedules.FlowCosine(), uniform_t), None, True),  # no diffusers / k-diffusion peer
 ]}
+DEFAULT_CASES = ["ddpm-linear", "ddpm-cosine", "flow-linear"]
 
 
 # ---------------------------------------------------------------------------------------------- diffx
@@ -132,23 +135,38 @@ def run_diffx(case, gmm, z, budget):
     return out
 
 
+_FITS: dict = {}
+
+
 def run_learned(case, gmm, z, budget, args):
-    """``diffx calibrate``'s fit, on this model: UniPC on the uniform grid traced into its linear form,
-    then its coefficients and call times fitted to the model's own reference solves (``learned.reference``,
-    not the DOP853 reference used for scoring) from calibration noise drawn with another seed than ``z``,
-    kept only if it beats its base on validation noise (a third seed)."""
+    """``diffx calibrate``'s fit on this model (``diffx.samplers.calibration.calibrate``): every deterministic
+    sampler x grid scored on validation noises, the fit started from the best, the better of the two kept;
+    one row per ``--calib-methods``. Calibration, validation and holdout noises come from other seeds than
+    ``z``, the reference is the model's own UniPC-3 solve (``learned.reference``), never the DOP853 one, and
+    it is solved once per case for every budget and method."""
     den = samplers.make_denoiser(_ExactNet(gmm, case.objective), case.objective)
-    zc = torch.randn(args.calib_samples, z.shape[1], generator=torch.Generator().manual_seed(args.seed + 1000),
-                     dtype=z.dtype)
-    zv = torch.randn(args.calib_samples // 8, z.shape[1], generator=torch.Generator().manual_seed(args.seed + 2000),
-                     dtype=z.dtype)  # validation noises: the fit is kept only if it beats its base on them
-    base = learned.trace(samplers.unipc, case.objective.schedule, grids.uniform(budget, case.objective.schedule))
-    target, val_target = (learned.reference(den, case.objective.schedule, x) for x in (zc, zv))
-    fitted = learned.fit(lambda idx: den, base, zc, target, iters=args.calib_iters, batch=args.calib_batch,
-                         val=(lambda idx: den, zv, val_target))
-    den.nfe = 0
-    x = fitted(den, case.objective.schedule, z.clone())
-    return {"diffx learned(unipc) [uniform]": (x, den.nfe, None)}
+    key = (case.name, id(gmm))
+    if key not in _FITS:
+        n_val = max(256, args.calib_samples // 8)
+        pool = torch.randn(args.calib_samples + 2 * n_val, z.shape[1],
+                           generator=torch.Generator().manual_seed(args.seed + 1000), dtype=z.dtype)
+        target = calibration.references(lambda idx: den, case.objective.schedule, pool, 200, args.calib_batch)
+        _FITS[key] = {m: calibration.calibrate(den, case.objective.schedule, steps=args.learned_nfe, noise=pool,
+                                               target=target, samples=args.calib_samples, validation=n_val,
+                                               holdout=n_val, method=m, iters=args.calib_iters, batch=args.calib_batch,
+                                               seed=args.seed)
+                      for m in args.calib_methods}
+    out = {}
+    for method, found in _FITS[key].items():
+        result = found[budget]
+        den.nfe = 0
+        x = result.solver(den, case.objective.schedule, z.clone())
+        out[f"diffx learned {method} [auto base]"] = (x, den.nfe, None)
+        val = result.scores["validation"]
+        print(f"- {case.name}, {budget} NFE, {method}: base {result.base}, kept the {result.kept}; validation per-sample "
+              f"mean {val['base'].mean:.2e} (base) / {val['fit'].mean:.2e} (fit), RMS {val['base'].rms:.2e} / {val['fit'].rms:.2e}",
+              flush=True)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ diffusers
@@ -231,6 +249,8 @@ def _run_scheduler(cls, kw, gmm, z, steps, case):
 
 def run_diffusers(case, gmm, z, budget, log: dict):
     out = {}
+    if case.diffusers_kw is None:
+        return out
     for name, cls, kw in _diffusers_configs(case):
         try:
             steps = next(n for n in range(budget, 1, -1) if _calls(cls, kw, n) <= budget)
@@ -281,6 +301,8 @@ K_SAMPLERS = ["euler", "heun", "dpm_2", "lms", "dpmpp_2m", "dpmpp_2m_sde*", "dpm
 def run_kdiffusion(case, gmm, z, budget, K):
     """k-diffusion works in sigma = sigma/alpha ("VE") space over the model's range; for the flow path
     that ends at t = 0.999 (sigma = 999), where diffusers' flow sigmas for DPM-Solver start too."""
+    if case.diffusers_kw is None:
+        return {}
     (a_hi, s_hi), (a_lo, s_lo) = case.objective.schedule.table(torch.tensor([1 - case.flow / N_TRAIN, 1 / N_TRAIN]))
     s_max, s_min = s_hi / a_hi, s_lo / a_lo
     k_grids = {"karras": lambda n: K.get_sigmas_karras(n, s_min, s_max, rho=7.0).double(),
@@ -308,10 +330,57 @@ def run_kdiffusion(case, gmm, z, budget, K):
     return out
 
 
+# ------------------------------------------------------------------------------- the defaults' table
+def measure_defaults(args):
+    """Every deterministic diffx sampler x grid at each NFE, on ``--seeds`` mixtures (new means, weights and
+    noises each): the geometric mean over them of the RMS, and of the mean and median per-sample RMS
+    endpoint error, and what ``sampler=auto`` picks (``diffx.samplers.auto``) against the best pair.
+    ``auto``'s table is read off this output by ``RULE``."""
+    from diffx.samplers import auto
+
+    for cname in args.cases:
+        case, scores = CASES[cname], {}
+        for seed in args.seeds:
+            gmm = GaussianMixture(args.dim, args.components, args.std, seed)
+            z = torch.randn(args.n, args.dim, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+            a0, s0 = case.objective.schedule.table(torch.ones(1))[0]
+            ref = reference(gmm, z / math.hypot(a0, s0), math.atan2(s0, a0))
+            for budget in args.nfe:
+                runs = {k: v for k, v in run_diffx(case, gmm, z, budget).items() if "*" not in k}
+                sampler, grid = auto.choose(case.objective.schedule, budget)
+                den = samplers.make_denoiser(_ExactNet(gmm, case.objective), case.objective)
+                x = sampler(den, case.objective.schedule, z.clone(), grid(budget, case.objective.schedule))
+                runs["auto"] = (x, den.nfe, None)
+                for name, (x, nfe, _) in runs.items():
+                    per_sample = (x.double() - ref).norm(dim=1) / math.sqrt(args.dim)
+                    metrics = (per_sample.pow(2).mean().sqrt(), per_sample.mean(), per_sample.median())
+                    scores.setdefault(name, {}).setdefault(budget, []).append([math.log(m.item()) for m in metrics])
+        gm = {r: {b: tuple(math.exp(sum(v) / len(v)) for v in zip(*scores[r][b])) for b in scores[r]} for r in scores}
+        print(f"\n## {cname}: geometric mean over seeds {args.seeds} of the RMS / mean / median per-sample error\n")
+        print("| sampler [grid] | " + " | ".join(f"NFE {b}" for b in args.nfe) + " |")
+        print("|---|" + "---|" * len(args.nfe))
+        key = lambda r: sum(math.log(gm[r][b][1]) for b in args.nfe if b in gm[r])  # noqa: E731
+        for r in sorted(gm, key=key):
+            print(f"| {r} | " + " | ".join("/".join(f"{v:.2e}" for v in gm[r][b]) if b in gm[r] else "-"
+                                          for b in args.nfe) + " |")
+        for b in args.nfe:
+            pairs = [r for r in gm if r != "auto" and b in gm[r]]
+            best = min(pairs, key=lambda r: gm[r][b][0])
+            rule = min((r for r in pairs if gm[r][b][0] <= RULE * gm[best][b][0]), key=lambda r: gm[r][b][1])
+            mean_best = min(gm[r][b][1] for r in pairs)
+            print(f"- NFE {b}: lowest RMS {best} {gm[best][b][0]:.2e}; the rule's pick {rule} "
+                  f"{gm[rule][b][0]:.2e} / {gm[rule][b][1]:.2e}; auto = {auto.describe(case.objective.schedule, b)} "
+                  f"{gm['auto'][b][0] / gm[best][b][0]:.2f}x the lowest RMS, {gm['auto'][b][1] / mean_best:.2f}x the "
+                  "lowest per-sample mean")
+
+
+RULE = 1.25  # sampler=auto's rule: among pairs within this factor of the lowest RMS, the lowest per-sample mean
+
+
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    p.add_argument("--cases", nargs="+", default=DEFAULT_CASES, choices=list(CASES))
     p.add_argument("--nfe", nargs="+", type=int, default=[5, 10, 20, 50])
     p.add_argument("--n", type=int, default=2048, help="samples (start noises)")
     p.add_argument("--dim", type=int, default=8)
@@ -324,10 +393,18 @@ def main(argv=None):
     p.add_argument("--calib-samples", type=int, default=65536, help="calibration noises for the learned solver")
     p.add_argument("--calib-iters", type=int, default=1500)
     p.add_argument("--calib-batch", type=int, default=4096)
+    p.add_argument("--calib-methods", nargs="+", default=["joint"], choices=["staged", "joint", "lbfgs"],
+                   help="learned.fit methods to compare, one row each")
+    p.add_argument("--no-peers", action="store_true", help="diffx only: skip diffusers and k-diffusion")
+    p.add_argument("--defaults", action="store_true",
+                   help="only the deterministic diffx samplers x grids over --seeds mixtures: sampler=auto's table")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="mixtures for --defaults")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # diffusers' deprecation notes
     torch.set_num_threads(1)  # tiny tensors: threads only add contention
     torch.set_flush_denormal(True)  # exp(-large) in the mixture posterior would crawl through subnormals
+    if args.defaults:
+        return measure_defaults(args)
     K = load_k_sampling()
     gmm = GaussianMixture(args.dim, args.components, args.std, args.seed)
     z = torch.randn(args.n, args.dim, generator=torch.Generator().manual_seed(args.seed + 1), dtype=torch.float64)
@@ -337,10 +414,12 @@ def main(argv=None):
     for cname in args.cases:
         case, t0, refs, rows = CASES[cname], time.time(), {}, {}
         for budget in args.nfe:
-            runs = {**run_diffx(case, gmm, z, budget), **run_diffusers(case, gmm, z, budget, failures)}
+            runs = run_diffx(case, gmm, z, budget)
+            if not args.no_peers:
+                runs.update(run_diffusers(case, gmm, z, budget, failures))
             if budget in args.learned_nfe:
                 runs.update(run_learned(case, gmm, z, budget, args))
-            if K is not None:
+            if K is not None and not args.no_peers:
                 runs.update(run_kdiffusion(case, gmm, z, budget, K))
             for name, (x, nfe, start) in runs.items():
                 a0, s0 = start or case.objective.schedule.table(torch.ones(1))[0]
@@ -369,15 +448,16 @@ def _print_case(cname, rows, budgets, secs, summary, show_all):
     key = 10 if 10 in budgets else budgets[0]
     score = {r: _nan_last(rows[r].get(key, (math.inf,))[0]) for r in rows}
     det = [r for r in rows if "*" not in r and key in rows[r]]
-    best = {lib: min((r for r in det if r.startswith("diffx") == lib), key=score.get) for lib in (True, False)}
-    med = {lib: min((r for r in det if r.startswith("diffx") == lib), key=lambda r: rows[r][key][2])
-           for lib in (True, False)}
-    classical = min((r for r in det if r.startswith("diffx") and "learned" not in r), key=score.get)
-    rms_ratio = score[best[True]] / score[best[False]]
-    med_ratio = rows[med[True]][key][2] / rows[med[False]][key][2]
-    summary.append(f"| {cname} | {best[True]} {score[best[True]]:.2e} | {best[False]} {score[best[False]]:.2e} | "
-                   f"**{rms_ratio:.2f}** | {classical} {score[classical]:.2e}, {score[classical] / score[best[False]]:.2f} | "
-                   f"{med_ratio:.2f} ({med[True]} vs {med[False]}) |")
+    if any(not r.startswith("diffx") for r in det):  # a summary row needs a peer to compare with
+        best = {lib: min((r for r in det if r.startswith("diffx") == lib), key=score.get) for lib in (True, False)}
+        med = {lib: min((r for r in det if r.startswith("diffx") == lib), key=lambda r: rows[r][key][2])
+               for lib in (True, False)}
+        classical = min((r for r in det if r.startswith("diffx") and "learned" not in r), key=score.get)
+        rms_ratio = score[best[True]] / score[best[False]]
+        med_ratio = rows[med[True]][key][2] / rows[med[False]][key][2]
+        summary.append(f"| {cname} | {best[True]} {score[best[True]]:.2e} | {best[False]} {score[best[False]]:.2e} | "
+                       f"**{rms_ratio:.2f}** | {classical} {score[classical]:.2e}, {score[classical] / score[best[False]]:.2f} | "
+                       f"{med_ratio:.2f} ({med[True]} vs {med[False]}) |")
     if not show_all:  # one row per sampler: its best grid / spacing at the key budget
         first = {}
         for r in sorted(rows, key=score.get):

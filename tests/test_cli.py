@@ -89,8 +89,8 @@ def test_calibrate_then_sample_with_the_fitted_solver(trained):
     after, refuses to overwrite it, and ``diffx sample sampler=learned`` runs it at its own NFE."""
     cwd, run = trained
     ckpt = run / "model.safetensors"
-    args = ["calibrate", f"ckpt={ckpt}", "steps=4", "samples=16", "validation=8", "holdout=8", "iters=3", "batch_size=8",
-            "reference_steps=8"]
+    args = ["calibrate", f"ckpt={ckpt}", "sampler=unipc", "steps=4", "samples=16", "validation=8", "holdout=8", "iters=3",
+            "batch_size=8", "reference_steps=8"]
     proc = diffx(*args, cwd=cwd)
     solver = run / "solver_unipc_4.safetensors"
     assert solver.is_file() and "held-out RMS endpoint error" in proc.stdout

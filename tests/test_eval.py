@@ -14,7 +14,8 @@ from PIL import Image
 from diffx import data
 from diffx import shapes as S
 from diffx.errors import DiffxError
-from diffx.evaluate import ATTRIBUTES, evaluate, held_out, score
+from diffx import holdout
+from diffx.evaluate import ATTRIBUTES, draw, evaluate, score
 from diffx.sample import sample
 from diffx.train import train
 
@@ -36,15 +37,16 @@ def test_the_reader_scores_the_datasets_own_images(tmp_path, size):
 
 
 def test_blank_images_score_zero():
-    result = score(np.full((2, 16, 16, 3), S.BACKGROUND, np.uint8), held_out(S.SHAPES, S.COLORS, 2))
+    result = score(np.full((2, 16, 16, 3), S.BACKGROUND, np.uint8), draw(holdout.combinations(S.SHAPES, S.COLORS), 2))
     assert result["exact"] == 0 and result["reads"][0]["shape"] is None
 
 
 def test_held_out_prompts_are_a_fixed_distinct_subset_of_the_grid():
-    a, b = held_out(S.SHAPES, S.COLORS, 50, seed=0), held_out(S.SHAPES, S.COLORS, 50, seed=0)
+    grid = holdout.combinations(S.SHAPES, S.COLORS)
+    a, b = draw(grid, 50, seed=0), draw(grid, 50, seed=0)
     assert a == b and len({S.caption(t) for t in a}) == 50
-    assert held_out(S.SHAPES, S.COLORS, 50, seed=1) != a
-    assert len(held_out(S.SHAPES, S.COLORS, 10_000)) == len(S.SHAPES) * len(S.COLORS) * len(S.SIZES) * len(S.POSITIONS)
+    assert draw(grid, 50, seed=1) != a
+    assert len(draw(grid, 10_000)) == len(S.SHAPES) * len(S.COLORS) * len(S.SIZES) * len(S.POSITIONS)
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +70,8 @@ def test_eval_scores_all_attributes_of_a_text_checkpoint(runs):
     assert report["attributes"] == list(ATTRIBUTES) and [r["cfg"] for r in report["results"]] == [1.0, 3.0]
     on_disk = json.loads((root / "eval_text" / "eval.json").read_text())
     assert on_disk["results"][1]["n"] == 6 and set(on_disk["results"][0]["accuracy"]) == set(ATTRIBUTES)
-    assert 0 <= on_disk["results"][0]["exact"] <= 1 and len(on_disk["prompts"]) == 6
-    assert (root / "eval_text" / "eval_cfg3.png").is_file()
+    assert 0 <= on_disk["results"][0]["exact"] <= 1 and on_disk["splits"] == ["all"] and len(on_disk["prompts"]["all"]) == 6
+    assert (root / "eval_text" / "eval_all_cfg3.png").is_file()
 
 
 def test_eval_scores_shape_and_colour_of_a_label_checkpoint(runs):
@@ -108,3 +110,21 @@ def test_sample_asks_a_text_checkpoint_for_a_prompt_and_a_label_one_for_none(run
         sample(_compose("sample", [f"ckpt={text_ckpt}", f"out={root / 'x'}", "n=1", "steps=1"]))
     with pytest.raises(DiffxError, match="text-conditioned"):
         sample(_compose("sample", [f"ckpt={label_ckpt}", f"out={root / 'y'}", "n=1", "steps=1", "prompt=a red circle"]))
+
+
+def test_sample_warns_about_words_no_training_caption_held(runs, capsys):
+    root, text_ckpt, _ = runs
+    from diffx.checkpoint import read_header
+    assert {"circle", "red", "small", "top"} <= set(read_header(text_ckpt).spec.vocabulary)
+    sample(_compose("sample", [f"ckpt={text_ckpt}", f"out={root / 'unseen'}", "n=1", "steps=1",
+                               "prompt=[a purple hexagon,'']"]))
+    out = capsys.readouterr().out
+    assert "purple, hexagon never appeared in a training caption" in out and "empty prompt" in out
+
+
+def test_eval_passes_the_guidance_options_and_records_them(runs):
+    root, text_ckpt, _ = runs
+    report = _eval(text_ckpt, root / "eval_guided", "save_grid=false", "guidance.rescale=0.7", "guidance.interval=[0.2,0.8]")
+    assert report["guidance"] == {"rescale": 0.7, "interval": (0.2, 0.8)}
+    with pytest.raises(DiffxError, match="guidance.rescale"):
+        _eval(text_ckpt, root / "eval_bad", "save_grid=false", "guidance.rescale=2")

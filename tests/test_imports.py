@@ -8,7 +8,7 @@ import diffx
 
 PACKAGE = Path(diffx.__file__).resolve().parent
 COMMANDS = {"diffx.train", "diffx.sample", "diffx.evaluate", "diffx.calibrate", "diffx.interpolate",
-            "diffx.train_vae", "diffx.report"}
+            "diffx.train_vae", "diffx.report", "diffx.fit_laplace", "diffx.distill_cmd"}
 
 
 def _modules() -> dict[str, Path]:

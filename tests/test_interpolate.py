@@ -94,12 +94,12 @@ def test_outputs_are_not_overwritten_without_overwrite_true(ckpts, tmp_path):
 
 
 @pytest.mark.parametrize("override,key", [("sampler=ddpm", "sampler=ddpm is stochastic"),
-                                          ("sampler.eta=1", "sampler=ddim is stochastic"),
+                                          ("sampler=ddim sampler.eta=1", "sampler=ddim is stochastic"),
                                           ("frames=1", "frames=1"), ("seeds=[1]", "seeds="),
                                           ("seeds=[1,-2]", "seeds="), ("label=[1,2,3]", "label="),
                                           ("label=all", "label=all"), ("steps=0", "steps=0")])
 def test_bad_requests_fail_naming_the_key(ckpts, override, key):
-    cfg = compose_config("interpolate", [f"ckpt={ckpts / 'label.safetensors'}", override])
+    cfg = compose_config("interpolate", [f"ckpt={ckpts / 'label.safetensors'}", *override.split()])
     with pytest.raises(DiffxError, match=key.replace("[", r"\[")) as e:
         validate(cfg, "interpolate")
     assert "\n" not in str(e.value)

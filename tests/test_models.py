@@ -23,6 +23,11 @@ TINY = {
     "mmdit": lambda **kw: MMDiT(C, S, width=16, depth=2, heads=2, patch_size=2, **kw),
     "mmdit_single": lambda **kw: MMDiT(C, S, width=16, depth=1, heads=2, patch_size=2, single_blocks=2, **kw),
     "mmdit_no_qk_norm": lambda **kw: MMDiT(C, S, width=16, depth=2, heads=2, patch_size=4, qk_norm=False, **kw),
+    "unet_pos": lambda **kw: UNet(C, S, channels=8, channel_mult=(1, 2), attn_resolutions=(4,), heads=2,
+                                  norm_groups=4, pos_embed=True, qk_norm=True, pooled_text=False, **kw),
+    "mmdit_x": lambda **kw: MMDiT(C, S, width=16, depth=2, heads=2, patch_size=2, dual_attention_layers=1, **kw),
+    "mmdit_rope": lambda **kw: MMDiT(C, S, width=16, depth=1, heads=2, patch_size=2, single_blocks=1, pos="rope",
+                                     dual_attention_layers=1, **kw),
 }
 CONDS = {
     "none": {},
@@ -149,6 +154,11 @@ def test_autocast_bf16(arch):
         (lambda: UNet(3, 16, channels=8, channel_mult=(1, 2), heads=3, norm_groups=4), "model.heads=3"),
         (lambda: UNet(3, 16, channels=8, channel_mult=(1, 2), head_dim=5, norm_groups=4), "model.head_dim=5"),
         (lambda: UNet(3, 16, channels=12, channel_mult=(1, 2), heads=2, norm_groups=8), "model.norm_groups=8"),
+        (lambda: UNet(3, 16, channels=6, channel_mult=(1, 2), attn_resolutions=(16,), heads=2, norm_groups=2,
+                      pos_embed=True), "model.pos_embed"),
+        (lambda: MMDiT(3, 8, width=16, depth=2, heads=2, dual_attention_layers=3), "model.dual_attention_layers=3"),
+        (lambda: MMDiT(3, 8, width=24, heads=4, pos="rope"), "model.pos=rope"),
+        (lambda: MMDiT(3, 8, width=16, heads=2, pos="alibi"), "model.pos='alibi'"),
     ],
 )
 def test_bad_shapes_raise_diffx_error(build, key):
@@ -289,3 +299,56 @@ def test_checkpointing_with_a_trained_text_encoder_head(text_encoders, arch):
     for name, p in models[1].named_parameters():
         torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-6, atol=1e-7, msg=name)
     assert all(p.grad.abs().sum() > 0 for p in models[1].text.parameters())
+
+
+def test_rope_scores_depend_on_relative_position_only():
+    """RoPE's defining property (Su et al. 2021): <R_m q, R_n k> is a function of m - n, per axis."""
+    from diffx.models.layers import apply_rope, rope_2d
+    gen = torch.Generator().manual_seed(0)
+    grid, dh = 5, 8
+    cos, sin = rope_2d(dh, grid)
+    q, k = torch.randn(2, dh, generator=gen, dtype=torch.float64)
+    rotated = lambda v: apply_rope(v.expand(1, 1, grid * grid, dh).float(), (cos, sin))[0, 0].double()  # (N, Dh)
+    rq, rk = rotated(q), rotated(k)
+    at = lambda r, c: r * grid + c  # row-major token index
+    assert torch.allclose(rq[at(0, 0)] @ rk[at(0, 0)], q @ k, atol=1e-5)  # position 0 is no rotation
+    for (r1, c1), (r2, c2), (dr, dc) in [((1, 2), (3, 1), (2, 4)), ((0, 4), (2, 3), (1, 0))]:
+        shifted = rq[at(r1 + dr, c1 + dc)] @ rk[at(r2 + dr, c2 + dc)] if max(r1, r2) + dr < grid and max(c1, c2) + dc < grid \
+            else None
+        if shifted is not None:
+            assert torch.allclose(rq[at(r1, c1)] @ rk[at(r2, c2)], shifted, atol=1e-5)
+    assert not torch.allclose(rq[at(0, 1)] @ rk[at(0, 0)], rq[at(1, 0)] @ rk[at(0, 0)], atol=1e-3)  # rows != columns
+
+
+def test_mmdit_x_adds_an_image_only_attention_to_the_first_blocks_only():
+    model = MMDiT(C, S, width=16, depth=3, heads=2, dual_attention_layers=2)
+    assert [b.image.dual for b in model.joint_blocks] == [True, True, False]
+    assert all(not b.context.dual for b in model.joint_blocks)
+    plain = MMDiT(C, S, width=16, depth=3, heads=2)
+    extra = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in plain.parameters())
+    per_block = (16 * 48 + 48) + (16 * 16 + 16) + 2 * 8 + 3 * (16 * 16 + 16)  # qkv2, proj2, qk-norms, 3 adaLN vectors
+    assert extra == 2 * per_block
+
+
+def test_rope_model_has_no_added_position_embedding_and_saves_no_position_tensors():
+    model = MMDiT(C, S, width=16, depth=1, heads=2, pos="rope")
+    assert model.pos_embed is None and model.rope_cos.shape == (16, 8)
+    assert not any("rope" in k or "pos" in k for k in model.state_dict())
+
+
+@pytest.mark.parametrize("options", [["model=mmdit", "model.pos=rope"], ["model=mmdit", "model.dual_attention_layers=1"],
+                                     ["model=unet", "model.pos_embed=true"]], ids=["rope", "mmdit_x", "unet_pos"])
+def test_a_training_run_with_each_option_learns(options, tmp_path):
+    """40 steps on 8x8 shapes: the loss falls well below its first logged value."""
+    import json
+
+    from conftest import compose_config
+
+    from diffx.train import train
+    small = (["model.width=32", "model.depth=2", "model.heads=2", "model.patch_size=2"] if "model=mmdit" in options
+             else ["model.channels=16", "model.channel_mult=[1,2]", "model.attn_resolutions=[4]"])
+    run = train(compose_config("train", options + small + [
+        "data.size=8", "data.n=256", f"data.cache_dir={tmp_path / 'cache'}", "train.steps=40", "train.batch_size=32",
+        "train.lr=2e-3", "train.warmup=0", "train.log_every=5", "train.save_every=40", f"run_dir={tmp_path / 'run'}"]))
+    losses = [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert sum(losses[-2:]) / 2 < 0.75 * losses[0], losses

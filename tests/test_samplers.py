@@ -8,6 +8,8 @@ import torch
 from analytic import GaussianModel
 from conftest import make_objective
 from diffx import grids, samplers
+from diffx.errors import DiffxError
+from diffx.samplers import plan
 
 SCHEDULES = [(f, s) for f in ("ddpm", "flow") for s in ("linear", "cosine")]
 DETERMINISTIC = ["ddim", "euler", "heun", "dpmpp", "dpmpp_3m", "unipc", "ipndm"]
@@ -211,3 +213,95 @@ def test_x0_clipping_tames_an_eps_model_at_the_cosine_schedules_noisy_end():
     clipped = samplers.dpmpp(samplers.make_denoiser(model, obj, x0_range=(-1.0, 1.0)), obj.schedule, z.clone(), ts)
     assert (raw - target).abs().max() > 0.5
     assert (clipped - target).abs().max() < 0.25 and (clipped - target).abs().mean() < 0.06
+
+
+# ------------------------------------------------------------------------------- Heun and the guard
+HEUN_GRIDS = {"uniform": grids.uniform, "karras": grids.karras, "logsnr": grids.logsnr}
+
+
+@pytest.mark.parametrize("family,schedule", SCHEDULES)
+@pytest.mark.parametrize("grid", list(HEUN_GRIDS))
+def test_heun_stays_finite_and_improves_at_3_to_10_nfe(grid, family, schedule):
+    """Issue #16: Heun's trapezoid in s diverged from pure noise (RMS 39 - 2300 at 5 NFE on the cosine DDPM
+    schedule). On a two-mode mixture every budget of 3-10 calls stays bounded and 10 beats 3."""
+    from analytic import AnalyticModel, two_point_mixture
+
+    obj = make_objective(family, schedule)
+    model = AnalyticModel(obj, two_point_mixture)
+    z = torch.randn(256, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = samplers.unipc(samplers.make_denoiser(model, obj), obj.schedule, z.clone(), grids.logsnr(200, obj.schedule),
+                         order=3)
+    errs = {}
+    for nfe in range(3, 11):
+        steps = plan.steps_for_nfe(samplers.heun, nfe, HEUN_GRIDS[grid], obj.schedule)
+        denoise = samplers.make_denoiser(model, obj)
+        out = samplers.heun(denoise, obj.schedule, z.clone(), HEUN_GRIDS[grid](steps, obj.schedule))
+        assert torch.isfinite(out).all() and denoise.nfe <= nfe
+        errs[nfe] = (out - ref).pow(2).mean().sqrt().item()
+    assert max(errs.values()) < 1.0, errs  # modes 1.2 apart; the trapezoid in s gave up to 1e4 here
+    assert errs[10] < errs[3], errs
+
+
+@pytest.mark.parametrize("family,schedule", SCHEDULES)
+@pytest.mark.parametrize("grid", list(HEUN_GRIDS))
+def test_heun_converges_at_second_order_on_every_grid(grid, family, schedule):
+    """Gaussian data, exact ODE endpoint at the grid's last noise level then the same final x0_hat step
+    (as tests/test_sampler_order.py): doubling the steps divides the error by ~4, also where the first
+    steps take the exponential trapezoid (every grid's step out of pure noise)."""
+    obj = make_objective(family, schedule)
+    model = GaussianModel(obj, mu=0.5, s=0.3)
+    z = torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def error(steps):
+        ts = HEUN_GRIDS[grid](steps, obj.schedule)
+        out = samplers.heun(samplers.make_denoiser(model, obj), obj.schedule, z.clone(), ts)
+        t_last = ts[-2].item()
+        exact = model.posterior_at(model.ode_solution(z, 1.0, t_last), torch.full((64,), t_last, dtype=torch.float64))[0]
+        return (out - exact).abs().max().item()
+
+    rate = math.log2(error(32) / error(64))  # DDPM's uniform grid is asymptotic from ~32 steps
+    assert rate > 1.65, rate
+
+
+@pytest.mark.parametrize("family", ["ddpm", "flow"])
+def test_heun_spends_2_calls_a_step_but_the_last_in_every_family(family):
+    """The step out of pure noise is corrected too (flow: alpha(1) = 0), so the count no longer depends on the family."""
+    _, _, _, denoise = run("heun", family, "linear", 10, n=4)
+    assert denoise.nfe == 19 and plan.steps_for_nfe(samplers.heun, 19) == 10 and plan.steps_for_nfe(samplers.heun, 20) == 10
+
+
+class _Exploding(torch.nn.Module):
+    """x0_hat = 10 x below t = 0.5 (so the state grows tenfold a step), or NaN with ``nan``."""
+
+    def __init__(self, objective, nan=False):
+        super().__init__()
+        self.objective, self.nan = objective, nan
+
+    def forward(self, x, t, cond=None):
+        late = (t < 0.5).view(-1, *[1] * (x.ndim - 1))
+        x0 = torch.where(late, torch.full_like(x, math.nan) if self.nan else 10 * x, torch.zeros_like(x))
+        alpha, sigma = (v.view(-1, *[1] * (x.ndim - 1)) for v in self.objective.schedule.alpha_sigma(t))
+        return self.objective.target(x0, (x - alpha * x0) / sigma, t)
+
+
+@pytest.mark.parametrize("nan", [False, True], ids=["exploding", "nan"])
+@pytest.mark.parametrize("sampler", DETERMINISTIC + STOCHASTIC)
+def test_the_guard_stops_a_diverging_sampler_with_one_line(sampler, nan):
+    obj = make_objective("flow", "linear")
+    z = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    p = plan.make(getattr(samplers, sampler), grids.karras, 8, obj.schedule)
+    with pytest.raises(DiffxError) as e:
+        p(samplers.make_denoiser(_Exploding(obj, nan), obj), obj.schedule, z.clone(),
+          generator=torch.Generator().manual_seed(0))
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and f"sampler={sampler} grid=karras diverged at step " in msg
+    assert ("not finite" if nan else "RMS exceeds") in msg
+    step = int(msg.split("step ")[1].split("/")[0])
+    assert 2 <= step <= 8  # the first step is at t = 1, where the model is still tame
+
+
+def test_the_guard_passes_a_healthy_run_unchanged():
+    out, z, model, denoise = run("dpmpp", "ddpm", "cosine", 10, n=8)
+    obj = make_objective("ddpm", "cosine")
+    raw = samplers.multistep.multistep(samplers.make_denoiser(model, obj), obj.schedule, z.clone(), grids.uniform(10))
+    torch.testing.assert_close(out, raw, rtol=0, atol=0)

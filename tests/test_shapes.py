@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffx import data
+from diffx import data, malformed
 from diffx import shapes as S
 from diffx.errors import DiffxError
 
@@ -103,3 +103,23 @@ def test_a_stray_speck_far_from_the_shape_does_not_change_the_reading(size):
         speck = img.copy()
         speck[0, 0] = (40, 40, 60)  # faint, bluish, at the far corner
         assert S.read(speck) == S.read(img) == attrs
+
+
+@pytest.mark.parametrize("sigma", [4, 8, 12])
+def test_the_reader_reads_noisy_renders(sigma):
+    """Generated images carry pixel noise: every attribute set, read through Gaussian noise of sigma
+    grey levels (scripts/bench_reader.py runs the full table)."""
+    rng, grid = np.random.default_rng(sigma), list(all_attrs(S.SHAPES, S.COLORS))
+    right = sum(S.read(malformed.noisy(S.render(a, 16, rng.uniform(-S.JITTER, S.JITTER, 2)), sigma, rng)) == a
+                for a in grid)
+    assert right / len(grid) >= 0.98
+
+
+@pytest.mark.parametrize("fault", malformed.FAULTS)
+def test_the_reader_refuses_broken_shapes_and_counts_extra_objects(fault):
+    """A circle missing a quarter, a half-drawn triangle, a stretched or hollow shape fits no shape
+    (shape None); two shapes are two objects, or one blob that fits no shape where they touch."""
+    rng, grid = np.random.default_rng(0), list(all_attrs(S.SHAPES, S.COLORS))
+    found = [S.examine(malformed.noisy(malformed.broken(fault, a, 32, rng), 4, rng)) for a in grid]
+    refused = [f["shape"] is None or (fault == "two" and f["objects"] == 2) for f in found]
+    assert sum(refused) / len(grid) >= 0.95

@@ -19,4 +19,22 @@ class TextConditioned(nn.Module):
         self.net, self.text = net, text
 
     def forward(self, x: Tensor, t: Tensor, cond: dict | None = None) -> Tensor:
-        return self.net(x, t, None if cond is None else self.text(cond))
+        return self.net(x, t, self.condition(cond))
+
+    def condition(self, cond: dict | None) -> dict | None:
+        """The net's condition: the text head's output, plus the guidance scale ``w`` of a guided-distilled
+        student (``diffx.distill``), which is not text and passes through."""
+        if cond is None:
+            return None
+        return {**self.text(cond), **({"w": cond["w"]} if "w" in cond else {})}
+
+    # The split a Bayesian last layer needs (diffx.uncertainty): the net's own.
+    @property
+    def head(self) -> nn.Module:
+        return self.net.head
+
+    def to_image(self, y: Tensor) -> Tensor:
+        return self.net.to_image(y)
+
+    def features(self, x: Tensor, t: Tensor, cond: dict | None = None) -> Tensor:
+        return self.net.features(x, t, self.condition(cond))

@@ -38,6 +38,27 @@ def sincos_2d(dim: int, grid: int) -> Tensor:
     return torch.cat([sincos_1d(dim // 2, rows.flatten()), sincos_1d(dim // 2, cols.flatten())], dim=1).float()
 
 
+def rope_2d(head_dim: int, grid: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """2-D rotary position embedding (RoPE, Su et al. 2021; 2-D as in Flux, Black Forest Labs 2024)
+    of a grid x grid token grid, row-major: (cos, sin) each (grid*grid, head_dim). Half of each head's
+    channels rotate with the row index, half with the column; channel pairs (2i, 2i+1) share an angle."""
+    quarter = head_dim // 4
+    omega = 1.0 / theta ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (Dh/4,)
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    angles = torch.cat([rows.flatten()[:, None] * omega, cols.flatten()[:, None] * omega], dim=1)  # (N, Dh/2)
+    angles = angles.repeat_interleave(2, dim=1)  # (N, Dh): one angle per channel pair
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    """Rotate each channel pair (x_2i, x_2i+1) of x (B, H, N, Dh) by its angle: x cos + rot(x) sin,
+    rot(x)_(2i, 2i+1) = (-x_2i+1, x_2i). Relative: q_m . k_n then depends on m - n only."""
+    cos, sin = (r.to(x.dtype) for r in rope)
+    pairs = x.unflatten(-1, (-1, 2))  # (B, H, N, Dh/2, 2)
+    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)  # (B, H, N, Dh)
+    return x * cos + rotated * sin
+
+
 class TimestepEmbedder(nn.Module):
     """t -> sinusoidal features -> MLP, as in DiT (Peebles & Xie 2023)."""
 
@@ -49,6 +70,23 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t: Tensor) -> Tensor:
         # Under autocast the Linear casts the float32 features itself.
         return self.mlp(timestep_embedding(t, self.freq_dim))
+
+
+class GuidanceEmbedder(nn.Module):
+    """Guidance scale w -> sinusoidal features -> MLP, for a guided-distilled student that takes w as an
+    input (Meng et al. 2023, sec. 4.1) instead of running an unconditional pass. The last layer starts
+    at zero, so a student built from its teacher's weights starts as exactly the teacher."""
+
+    def __init__(self, dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, w: Tensor) -> Tensor:
+        # w / 1000: timestep_embedding scales by 1000 (for t in [0, 1]); w lives on [1, 10] or so
+        return self.mlp(timestep_embedding(w / 1000.0, self.freq_dim, max_period=100.0))
 
 
 class LabelEmbedder(nn.Module):

@@ -1,6 +1,8 @@
 """MMDiT: the multimodal diffusion transformer of Stable Diffusion 3 (Esser et al. 2024, sec. 4),
-with adaLN-Zero conditioning from DiT (Peebles & Xie 2023) and optional Flux-style single-stream
-blocks (Black Forest Labs 2024) after the double-stream ones."""
+with adaLN-Zero conditioning from DiT (Peebles & Xie 2023), and as options: Flux-style single-stream
+blocks (Black Forest Labs 2024) after the double-stream ones, SD3.5's MMDiT-X extra image-only
+self-attention in the first blocks (``dual_attention_layers``, Stability AI 2024), and Flux's 2-D
+rotary positions instead of the added sin-cos embedding (``pos=rope``)."""
 
 from __future__ import annotations
 
@@ -11,15 +13,18 @@ from torch.utils.checkpoint import checkpoint
 
 from diffx.errors import DiffxError
 from diffx.models.layers import (
+    GuidanceEmbedder,
     LabelEmbedder,
     Mlp,
     RMSNorm,
     TimestepEmbedder,
     ada_ln,
+    apply_rope,
     attention,
     conditioning_vector,
     merge_heads,
     modulate,
+    rope_2d,
     sincos_2d,
     split_heads,
 )
@@ -32,14 +37,20 @@ class StreamWeights(nn.Module):
     ``pre_only``: the stream's output after this block is never read (the context stream in the last
     block when no single-stream blocks follow), so it only provides keys and values (SD3's
     ``context_pre_only``) and owns no query, output projection or MLP that would never get a gradient.
+
+    ``dual``: MMDiT-X (SD3.5 Medium): the image stream also attends to itself alone, with its own
+    QKV, QK-norm, projection and three more adaLN vectors (shift, scale, gate); both attentions read
+    the same block input and both gated outputs join the residual before the MLP.
     """
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, qk_norm: bool, pre_only: bool = False):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, qk_norm: bool, pre_only: bool = False,
+                 dual: bool = False):
         super().__init__()
         self.heads = heads
-        self.pre_only = pre_only
+        self.pre_only, self.dual = pre_only, dual
+        self.chunks = 2 if pre_only else 9 if dual else 6
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.ada = ada_ln(width, 2 if pre_only else 6)
+        self.ada = ada_ln(width, self.chunks)
         self.to_kv = nn.Linear(width, 2 * width)
         self.k_norm = RMSNorm(width // heads) if qk_norm else nn.Identity()
         if not pre_only:
@@ -48,20 +59,37 @@ class StreamWeights(nn.Module):
             self.proj = nn.Linear(width, width)
             self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
             self.mlp = Mlp(width, int(width * mlp_ratio))
+        if dual:
+            self.to_qkv2 = nn.Linear(width, 3 * width)
+            self.q_norm2 = RMSNorm(width // heads) if qk_norm else nn.Identity()
+            self.k_norm2 = RMSNorm(width // heads) if qk_norm else nn.Identity()
+            self.proj2 = nn.Linear(width, width)
 
-    def project(self, x: Tensor, c: Tensor) -> tuple[Tensor | None, Tensor, Tensor, tuple[Tensor, ...]]:
+    def project(self, x: Tensor, c: Tensor, rope=None) -> tuple[Tensor | None, Tensor, Tensor, tuple[Tensor, ...]]:
         """x (B, N, D), c (B, D) -> q (None when pre_only), k, v each (B, H, N, Dh), and the rest of
-        the modulation vectors for ``residual``."""
-        mod = self.ada(c).chunk(2 if self.pre_only else 6, dim=-1)
+        the modulation vectors for ``residual`` (with a dual stream, its gated self-attention last).
+        ``rope``: this stream's rotary (cos, sin), applied to q and k after QK-norm (Flux)."""
+        mod = self.ada(c).chunk(self.chunks, dim=-1)
         h = modulate(self.norm1(x), mod[0], mod[1])
         k, v = (split_heads(y, self.heads) for y in self.to_kv(h).chunk(2, dim=-1))
         q = None if self.pre_only else self.q_norm(split_heads(self.to_q(h), self.heads))
-        return q, self.k_norm(k), v, mod[2:]
+        k = self.k_norm(k)
+        if rope is not None:
+            q, k = (None if q is None else apply_rope(q, rope)), apply_rope(k, rope)
+        if not self.dual:
+            return q, k, v, mod[2:]
+        h2 = modulate(self.norm1(x), mod[6], mod[7])
+        q2, k2, v2 = (split_heads(y, self.heads) for y in self.to_qkv2(h2).chunk(3, dim=-1))
+        q2, k2 = self.q_norm2(q2), self.k_norm2(k2)
+        if rope is not None:
+            q2, k2 = apply_rope(q2, rope), apply_rope(k2, rope)
+        alone = mod[8][:, None] * self.proj2(merge_heads(attention(q2, k2, v2)))  # (B, N, D)
+        return q, k, v, (*mod[2:6], alone)
 
     def residual(self, x: Tensor, attn: Tensor, mod: tuple[Tensor, ...]) -> Tensor:
         """Gated attention and MLP residuals; attn (B, N, D) is this stream's slice of the joint output."""
-        gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        x = x + gate_msa[:, None] * self.proj(attn)
+        gate_msa, shift_mlp, scale_mlp, gate_mlp, *alone = mod
+        x = x + gate_msa[:, None] * self.proj(attn) + (alone[0] if alone else 0)
         return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
@@ -69,13 +97,15 @@ class DoubleStreamBlock(nn.Module):
     """SD3's MM-DiT block (Esser et al. 2024, fig. 2b): per-modality weights, one joint attention over
     the concatenated [context, image] sequence."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, qk_norm: bool, context_pre_only: bool):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, qk_norm: bool, context_pre_only: bool,
+                 dual: bool = False):
         super().__init__()
-        self.image = StreamWeights(width, heads, mlp_ratio, qk_norm)
+        self.image = StreamWeights(width, heads, mlp_ratio, qk_norm, dual=dual)
         self.context = StreamWeights(width, heads, mlp_ratio, qk_norm, pre_only=context_pre_only)
 
-    def forward(self, x: Tensor, ctx: Tensor, c: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        q_img, k_img, v_img, mod_img = self.image.project(x, c)
+    def forward(self, x: Tensor, ctx: Tensor, c: Tensor, mask: Tensor, rope=None) -> tuple[Tensor, Tensor]:
+        # Rotary positions (pos=rope) are the image tokens'; context tokens sit at position 0 (no rotation).
+        q_img, k_img, v_img, mod_img = self.image.project(x, c, rope)
         q_ctx, k_ctx, v_ctx, mod_ctx = self.context.project(ctx, c)
         k, v = torch.cat([k_ctx, k_img], dim=2), torch.cat([v_ctx, v_img], dim=2)  # (B, H, L+N, Dh)
         # A pre-only context stream asks no queries: only the image tokens attend.
@@ -102,11 +132,15 @@ class SingleStreamBlock(nn.Module):
         self.k_norm = RMSNorm(width // heads) if qk_norm else nn.Identity()
         self.fused_out = nn.Linear(width + self.hidden, width)  # [attention, MLP] -> width
 
-    def forward(self, h: Tensor, c: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, h: Tensor, c: Tensor, mask: Tensor, rope=None) -> Tensor:
         shift, scale, gate = self.ada(c).chunk(3, dim=-1)
         qkv, mlp = self.fused_in(modulate(self.norm(h), shift, scale)).split([3 * self.width, self.hidden], -1)
         q, k, v = (split_heads(y, self.heads) for y in qkv.chunk(3, dim=-1))  # each (B, H, L+N, Dh)
-        attn = merge_heads(attention(self.q_norm(q), self.k_norm(k), v, mask))  # (B, L+N, D)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:  # rotate the image tokens (the last N); the context ones sit at position 0
+            n = rope[0].shape[0]
+            q, k = (torch.cat([y[:, :, :-n], apply_rope(y[:, :, -n:], rope)], dim=2) for y in (q, k))
+        attn = merge_heads(attention(q, k, v, mask))  # (B, L+N, D)
         out = self.fused_out(torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=-1))
         return h + gate[:, None] * out
 
@@ -123,8 +157,12 @@ class FinalLayer(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        return self.linear(self.features(x, c))
+
+    def features(self, x: Tensor, c: Tensor) -> Tensor:
+        """The modulated tokens (B, N, D), the linear's input."""
         shift, scale = self.ada(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        return modulate(self.norm(x), shift, scale)
 
 
 class MMDiT(nn.Module):
@@ -156,27 +194,39 @@ class MMDiT(nn.Module):
         qk_norm: bool = True,
         single_blocks: int = 0,
         checkpointing: bool = False,
+        guidance_embed: bool = False,
+        dual_attention_layers: int = 0,
+        pos: str = "sincos",
     ):
         super().__init__()
-        _check(image_size, patch_size, width, heads, depth)
+        _check(image_size, patch_size, width, heads, depth, dual_attention_layers, pos)
         self.checkpointing = checkpointing
         self.in_channels, self.patch_size = in_channels, patch_size
         self.grid = image_size // patch_size
 
         self.patch_embed = nn.Conv2d(in_channels, width, patch_size, stride=patch_size)
-        # Fixed, not learned, and rebuilt from the shape, so it is not saved with the weights.
-        self.register_buffer("pos_embed", sincos_2d(width, self.grid)[None], persistent=False)  # (1, N, D)
+        # Fixed, not learned, and rebuilt from the shape, so neither is saved with the weights: an added
+        # sin-cos embedding (SD3, DiT), or rotary angles for q and k in every attention (pos=rope, Flux).
+        rope = pos == "rope"
+        self.register_buffer("pos_embed", None if rope else sincos_2d(width, self.grid)[None], persistent=False)
+        cos, sin = rope_2d(width // heads, self.grid) if rope else (None, None)  # each (N, Dh)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
         self.time_embed = TimestepEmbedder(width)
         self.cond_embed = nn.ModuleDict()
         if num_classes:
             self.cond_embed["label"] = LabelEmbedder(num_classes, width)
         if pooled_dim:
             self.cond_embed["pooled"] = nn.Sequential(nn.Linear(pooled_dim, width), nn.SiLU(), nn.Linear(width, width))
+        self.guidance_embed = guidance_embed  # a guided-distilled student: cond["w"], the scale, is an input
+        if guidance_embed:
+            self.cond_embed["w"] = GuidanceEmbedder(width)
         self.register = nn.Parameter(0.02 * torch.randn(1, 1, width))
         self.context_embed = nn.Linear(text_dim, width) if text_dim else None
 
         self.joint_blocks = nn.ModuleList(
-            DoubleStreamBlock(width, heads, mlp_ratio, qk_norm, context_pre_only=(i == depth - 1 and not single_blocks))
+            DoubleStreamBlock(width, heads, mlp_ratio, qk_norm, context_pre_only=(i == depth - 1 and not single_blocks),
+                              dual=i < dual_attention_layers)
             for i in range(depth)
         )
         self.single_stream = nn.ModuleList(SingleStreamBlock(width, heads, mlp_ratio, qk_norm) for _ in range(single_blocks))
@@ -198,7 +248,8 @@ class MMDiT(nn.Module):
         return torch.cat([tok.to(dtype) for tok in tokens], dim=1), torch.cat(mask, dim=1)
 
     def patchify(self, x: Tensor) -> Tensor:
-        return self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, D, g, g) -> (B, g*g, D)
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, D, g, g) -> (B, g*g, D)
+        return tokens if self.pos_embed is None else tokens + self.pos_embed
 
     def unpatchify(self, x: Tensor) -> Tensor:
         b, p, g, C = x.shape[0], self.patch_size, self.grid, self.in_channels
@@ -206,18 +257,33 @@ class MMDiT(nn.Module):
         return torch.einsum("bhwpqc->bchpwq", x).reshape(b, C, g * p, g * p)  # -> (B, C, H, W)
 
     def forward(self, x: Tensor, t: Tensor, cond: dict | None = None) -> Tensor:
+        return self.to_image(self.head(self.features(x, t, cond)))
+
+    @property
+    def head(self) -> nn.Linear:
+        """The output layer, linear in its weights: FinalLayer's linear, a Bayesian last layer's place
+        (``diffx.uncertainty``). ``forward = to_image(head(features(...)))``."""
+        return self.final.linear
+
+    def to_image(self, y: Tensor) -> Tensor:
+        """The head's output (B, N, p*p*C) -> (B, C, H, W)."""
+        return self.unpatchify(y)
+
+    def features(self, x: Tensor, t: Tensor, cond: dict | None = None) -> Tensor:
+        """The head's input (B, N, D): the image tokens after the final adaLN modulation."""
         c = conditioning_vector(self.cond_embed, cond, self.time_embed(t))  # (B, D)
         img = self.patchify(x)  # (B, N, D)
         ctx, mask = self.context_tokens(cond, x.shape[0])  # (B, L, D), (B, L)
+        rope = None if self.rope_cos is None else (self.rope_cos, self.rope_sin)
         for block in self.joint_blocks:
-            img, ctx = self._block(block, img, ctx, c, mask)
+            img, ctx = self._block(block, img, ctx, c, mask, rope)
         L = ctx.shape[1]
         h = torch.cat([ctx, img.to(ctx.dtype)], dim=1)  # (B, L+N, D); a no-op path when single_blocks=0
         full_mask = torch.cat([mask, mask.new_ones(img.shape[:2])], dim=1)
         for block in self.single_stream:
-            h = self._block(block, h, c, full_mask)
+            h = self._block(block, h, c, full_mask, rope)
         img = h[:, L:]
-        return self.unpatchify(self.final(img, c))
+        return self.final.features(img, c)
 
     def _block(self, block: nn.Module, *args):
         if self.checkpointing and self.training and torch.is_grad_enabled():
@@ -225,7 +291,8 @@ class MMDiT(nn.Module):
         return block(*args)
 
 
-def _check(image_size: int, patch_size: int, width: int, heads: int, depth: int) -> None:
+def _check(image_size: int, patch_size: int, width: int, heads: int, depth: int, dual: int = 0,
+           pos: str = "sincos") -> None:
     """Reject shape combinations that would only fail deep inside forward()."""
     if patch_size < 1 or image_size % patch_size:
         raise DiffxError(
@@ -240,3 +307,10 @@ def _check(image_size: int, patch_size: int, width: int, heads: int, depth: int)
         )
     if depth < 1:
         raise DiffxError(f"model.depth={depth} must be at least 1 (double-stream blocks)")
+    if not 0 <= dual <= depth:
+        raise DiffxError(f"model.dual_attention_layers={dual}: expected 0..model.depth={depth}")
+    if pos not in ("sincos", "rope"):
+        raise DiffxError(f"model.pos={pos!r}: expected sincos or rope")
+    if pos == "rope" and (width // heads) % 4:
+        raise DiffxError(f"model.pos=rope needs a head width (model.width / model.heads = {width // heads}) "
+                         "divisible by 4")

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from diffx.errors import DiffxError
-from diffx.models.layers import Attention, LabelEmbedder, TimestepEmbedder, conditioning_vector, heads_for
+from diffx.models.layers import (Attention, GuidanceEmbedder, LabelEmbedder, TimestepEmbedder, conditioning_vector,
+                                 heads_for, sincos_2d)
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -48,14 +49,14 @@ class TransformerBlock(nn.Module):
     """Pre-norm self-attention, cross-attention to the text tokens (only when the model has text),
     and a feed-forward (Rombach et al. 2022, "BasicTransformerBlock")."""
 
-    def __init__(self, dim: int, heads: int, context_dim: int):
+    def __init__(self, dim: int, heads: int, context_dim: int, qk_norm: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.self_attn = Attention(dim, heads)
+        self.self_attn = Attention(dim, heads, qk_norm=qk_norm)
         self.cross = nn.ModuleDict()
         if context_dim:
             self.cross["norm"] = nn.LayerNorm(dim)
-            self.cross["attn"] = Attention(dim, heads, context_dim=context_dim)
+            self.cross["attn"] = Attention(dim, heads, context_dim=context_dim, qk_norm=qk_norm)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
@@ -68,19 +69,28 @@ class TransformerBlock(nn.Module):
 
 class SpatialTransformer(nn.Module):
     """Feature map -> tokens -> TransformerBlock -> feature map, with a zero-initialised output
-    projection so the block starts as the identity."""
+    projection so the block starts as the identity.
 
-    def __init__(self, ch: int, heads: int, context_dim: int, groups: int):
+    ``res`` > 0 adds a fixed 2-D sin-cos position embedding (MAE; DiT) of the res x res map to the
+    tokens, as ``diffx.models.mmdit`` does to its image tokens: without it a token knows where it is
+    only through the zero padding of the convolutions around it. (On the shapes data it did not make a
+    text UNet follow position words; see the README's "Text to image".)"""
+
+    def __init__(self, ch: int, heads: int, context_dim: int, groups: int, res: int = 0, qk_norm: bool = False):
         super().__init__()
         self.norm = nn.GroupNorm(groups, ch)
         self.proj_in = nn.Linear(ch, ch)
-        self.block = TransformerBlock(ch, heads, context_dim)
+        self.block = TransformerBlock(ch, heads, context_dim, qk_norm)
         self.proj_out = zero_init(nn.Linear(ch, ch))
+        # Fixed and rebuilt from the shape, so not saved with the weights.
+        self.register_buffer("pos", sincos_2d(ch, res)[None] if res else None, persistent=False)  # (1, H*W, C)
 
     def forward(self, x: Tensor, context: Tensor | None, mask: Tensor | None) -> Tensor:
         b, c, h, w = x.shape
-        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
-        tokens = self.proj_out(self.block(self.proj_in(tokens), context, mask))
+        tokens = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))  # (B, C, H, W) -> (B, H*W, C)
+        if self.pos is not None:
+            tokens = tokens + self.pos.to(tokens.dtype)
+        tokens = self.proj_out(self.block(tokens, context, mask))
         return x + tokens.transpose(1, 2).reshape(b, c, h, w)  # (B, H*W, C) -> (B, C, H, W)
 
 
@@ -88,10 +98,10 @@ class Stage(nn.Module):
     """One ResBlock, followed by a SpatialTransformer at the attention resolutions."""
 
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int, dropout: float,
-                 heads: int | None, context_dim: int):
+                 heads: int | None, context_dim: int, pos_res: int = 0, qk_norm: bool = False):
         super().__init__()
         self.res = ResBlock(in_ch, out_ch, emb_dim, groups, dropout)
-        self.attn = SpatialTransformer(out_ch, heads, context_dim, groups) if heads else None
+        self.attn = SpatialTransformer(out_ch, heads, context_dim, groups, pos_res, qk_norm) if heads else None
 
     def forward(self, x: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None) -> Tensor:
         x = self.res(x, emb)
@@ -151,6 +161,10 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         norm_groups: int = 8,
         checkpointing: bool = False,
+        guidance_embed: bool = False,
+        pos_embed: bool = False,
+        pooled_text: bool = True,
+        qk_norm: bool = False,
     ):
         super().__init__()
         self.checkpointing = checkpointing
@@ -162,12 +176,19 @@ class UNet(nn.Module):
         self.cond_embed = nn.ModuleDict()
         if num_classes:
             self.cond_embed["label"] = LabelEmbedder(num_classes, emb_dim)
-        if pooled_dim:
+        if pooled_dim and pooled_text:  # SD XL adds the pooled text to the timestep embedding; SD 1.x does not
             self.cond_embed["pooled"] = nn.Linear(pooled_dim, emb_dim)
+        self.guidance_embed = guidance_embed  # a guided-distilled student: cond["w"], the scale, is an input
+        if guidance_embed:
+            self.cond_embed["w"] = GuidanceEmbedder(emb_dim, freq_dim=channels)
 
         def stage(in_ch: int, out_ch: int, res: int, attn: bool) -> Stage:
             n_heads = heads_for(out_ch, heads, head_dim, f"(UNet attention at {res}x{res})") if attn else None
-            return Stage(in_ch, out_ch, emb_dim, norm_groups, dropout, n_heads, text_dim)
+            if attn and pos_embed and out_ch % 4:
+                raise DiffxError(f"model.pos_embed=true needs attention widths divisible by 4; {out_ch} at {res}x{res} "
+                                 "is not (change model.channels or model.channel_mult)")
+            return Stage(in_ch, out_ch, emb_dim, norm_groups, dropout, n_heads, text_dim, res if pos_embed else 0,
+                         qk_norm)
 
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
         self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
@@ -200,6 +221,20 @@ class UNet(nn.Module):
         )
 
     def forward(self, x: Tensor, t: Tensor, cond: dict | None = None) -> Tensor:
+        return self.to_image(self.head(self.features(x, t, cond)))
+
+    @property
+    def head(self) -> nn.Conv2d:
+        """The output layer: the one layer linear in its weights that a Bayesian last layer is put on
+        (``diffx.uncertainty``). ``forward = to_image(head(features(...)))``."""
+        return self.out[-1]
+
+    def to_image(self, y: Tensor) -> Tensor:
+        """The head's output -> shaped like x: already so for the UNet."""
+        return y
+
+    def features(self, x: Tensor, t: Tensor, cond: dict | None = None) -> Tensor:
+        """The head's input (B, channels, H, W): everything but the last conv."""
         emb = conditioning_vector(self.cond_embed, cond, self.time_embed(t))  # (B, 4 * channels)
         context = cond.get("tokens") if cond else None  # (B, L, text_dim)
         mask = cond.get("mask") if cond else None  # (B, L), True = real token
@@ -216,7 +251,7 @@ class UNet(nn.Module):
             for s in stages:
                 h = self._stage(s, torch.cat([h, skips.pop()], dim=1), emb, context, mask)
             h = up(h)
-        return self.out(h)
+        return self.out[:-1](h)  # GroupNorm, SiLU
 
     def _stage(self, stage: Stage, *args) -> Tensor:
         if self.checkpointing and self.training and torch.is_grad_enabled():

@@ -5,7 +5,10 @@
 - ``single``: single-step samplers (DDIM, DDPM, Euler, Heun);
 - ``multistep``: the exponential-integrator family (DPM-Solver++ 2M / SDE / 3M, UniPC) and iPNDM;
 - ``learned``: a linear solver fitted to one checkpoint (``diffx calibrate``), a sampler like the others;
-- ``plan``: a sampler bound to its call times, and what each sampler declares about itself.
+- ``calibration``: the fit as a library call on any model: the best base, the fit, the guard that keeps the better;
+- ``auto``: ``sampler=auto``, the measured best untuned sampler and grid per schedule and NFE;
+- ``guard``: every declared sampler stops with one line when its state goes non-finite or explodes;
+- ``plan``: a sampler bound to its call times, what each sampler declares about itself, steps for an NFE budget.
 
 Every sampler is ``sampler(denoise, schedule, x, ts, generator=None, **options) -> x0``.
 """

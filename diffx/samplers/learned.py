@@ -33,7 +33,7 @@ from torch import Tensor
 
 from diffx import grids
 from diffx.errors import DiffxError
-from diffx.samplers import multistep
+from diffx.samplers import guard, multistep
 from diffx.samplers.plan import is_deterministic, name_of
 
 FORMAT = "diffx.linear_solver"
@@ -65,7 +65,8 @@ class LinearSolver:
     def __call__(self, denoise, schedule=None, x: Tensor | None = None, ts=None, generator=None) -> Tensor:
         """The sampler signature, at call times ``ts`` (default: the solver's own, ``self.ts``)."""
         with torch.no_grad():
-            return rollout(denoise, self.C, self.ts if ts is None else ts, x)
+            return guard.run(lambda d, _, z, call_ts: rollout(d, self.C, call_ts, z), denoise, schedule, x,
+                             self.ts if ts is None else ts, name=self.name)
 
 
 def rollout(denoise, C: Tensor, ts: Tensor, z: Tensor) -> Tensor:
@@ -111,6 +112,7 @@ def _trace_rows(sampler, schedule, ts: Tensor, seed: int = 0) -> tuple[Tensor, T
         (a, s), = schedule.table(torch.tensor([t], dtype=torch.float64))
         return e, (x - a * e) / s
 
+    basis.checked = True  # coefficient vectors, not states: no divergence guard (diffx.samplers.guard)
     z = torch.zeros(1, n_max + 1, dtype=torch.float64)
     z[0, 0] = 1.0
     out = sampler(basis, schedule, z, ts, generator=torch.Generator().manual_seed(seed))
@@ -130,64 +132,130 @@ def reference(denoise, schedule, z: Tensor, steps: int = 200) -> Tensor:
     return multistep.unipc(denoise, schedule, z, grids.logsnr(steps, schedule), order=3)
 
 
+METHODS = ("joint", "staged", "lbfgs")
+
+
 def fit(denoiser_for, solver: LinearSolver, z: Tensor, target: Tensor, iters: int = 500, lr: float = 1e-3,
         t_lr: float = 1e-2, batch: int = 1024, seed: int = 0, learn_times: bool = True, val=None,
-        on_step=None, check_every: int = 0) -> LinearSolver:
-    """Adam on ``mean |rollout(z) - target|^2`` over mini-batches of the calibration pool (z, target),
-    from ``solver`` (usually ``trace`` of a classical sampler), with a linear warm-up over the first
-    5% of the steps and a cosine decay after it.
+        on_step=None, check_every: int = 0, method: str = "joint") -> LinearSolver:
+    """Fit ``C`` and the call times to ``mean |rollout(z) - target|^2`` on the calibration pool (z, target),
+    from ``solver`` (usually ``trace`` of a classical sampler). ``method``:
+
+    - ``joint``: Adam on mini-batches, coefficients at ``lr`` and times at ``t_lr`` together, with a
+      linear warm-up over the first 5% of the steps and a cosine decay after it;
+    - ``staged``: the same Adam in two halves, the call times alone first (LD3, Tong et al. 2024), then
+      the coefficients at ``lr / 3`` with the times at ``t_lr / 10`` (S4S's order, Frankel et al. 2025):
+      the times move the most for the least risk, and the coefficients only refine what they leave;
+    - ``lbfgs``: L-BFGS with a strong-Wolfe line search on one fixed batch of ``batch`` noises,
+      ``iters`` iterations (a deterministic loss, so no learning rate to tune).
 
     ``val = (val_denoiser_for, z_val, target_val)``: noises kept out of the fit. If the fitted solver is
-    not more accurate on them than ``solver``, ``solver`` is returned: a fit that went astray (a step
-    budget or learning rate it does not suit) never makes sampling worse. Only the end point is
-    compared, not every iterate: on multi-modal data the RMS is carried by a few samples, and picking
-    the best of many noisy checkpoints would fit the validation noises instead.
+    not more accurate on them than ``solver`` (RMS), ``solver`` is returned: a fit that went astray never
+    makes sampling worse (``diffx.samplers.calibration`` applies a stricter guard, on two metrics).
 
     Parameters: a lower-triangular correction to C and, with ``learn_times`` (call times strictly
     decreasing), the call times, as a softmax over the n gaps ``t_0 - t_1, ..., t_{n-1} - 0``, so they
     stay ordered, inside (0, t_0] and start exactly where the solver's do. ``denoiser_for(idx)`` is the
     denoiser for pool rows ``idx`` (their conditions); its ``denoise(x, t)`` must accept a 0-dim tensor
     ``t`` and be differentiable in ``x`` (and in ``t`` for the times). Every ``check_every`` steps
-    (default: a tenth of them) and at the last, the mini-batch loss is read back -- the only host sync
-    of the loop --, checked for NaN/inf and passed to ``on_step(i, loss)``.
+    (default: a tenth of them) and at the last, the loss is read back -- the only host sync of the
+    loop --, checked for NaN/inf and passed to ``on_step(i, loss)``.
     """
-    ts0, C0 = solver.ts.to(torch.float64), solver.C.to(torch.float64)
-    gaps = ts0 - torch.cat([ts0[1:], ts0.new_zeros(1)])
-    learn_times = learn_times and bool((gaps > 0).all())
-    mask = torch.tril(torch.ones_like(C0))
-    dC = torch.zeros_like(C0, requires_grad=True)
-    u = gaps.log().clone().requires_grad_(learn_times)
-    groups = [{"params": [dC], "lr": lr}] + ([{"params": [u], "lr": t_lr}] if learn_times else [])
-    opt = torch.optim.Adam(groups)
-    warm = max(1, iters // 20)
-    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min((i + 1) / warm, 0.5 * (1 + math.cos(math.pi * i / max(iters, 1)))))
-    g = torch.Generator().manual_seed(seed)
+    if method not in METHODS:
+        raise DiffxError(f"method={method}: expected one of {', '.join(METHODS)}")
+    params = _Params(solver, learn_times)
     check_every = check_every or max(1, iters // 10)
+    g = torch.Generator().manual_seed(seed)
 
-    def current() -> LinearSolver:
-        with torch.no_grad():
-            ts = _times(ts0[0], u) if learn_times else ts0
-            return LinearSolver(ts.detach().clone(), (C0 + dC * mask).detach().clone(), dict(solver.meta))
+    def loss_on(idx: Tensor) -> Tensor:
+        out = rollout(denoiser_for(idx), params.C(), params.ts(), z[idx.to(z.device)])
+        return (out - target[idx.to(z.device)]).double().pow(2).mean()
 
-    for i in range(iters):
-        idx = torch.randperm(len(z), generator=g)[:batch]
-        ts = _times(ts0[0], u) if learn_times else ts0
-        out = rollout(denoiser_for(idx), C0 + dC * mask, ts, z[idx.to(z.device)])
-        loss = (out - target[idx.to(z.device)]).double().pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        decay.step()
+    def report(i: int, loss: Tensor) -> None:
         if (i + 1) % check_every == 0 or i + 1 == iters:
             value = loss.item()
             if not math.isfinite(value):
                 raise DiffxError(f"the solver fit diverged by step {i + 1} (loss {value}); lower lr= / t_lr=")
             if on_step is not None:
                 on_step(i, value)
-    fitted = current()
+
+    if method == "lbfgs":
+        _lbfgs(params, loss_on, torch.randperm(len(z), generator=g)[:batch], iters, report)
+    else:
+        stages = [(iters, lr, t_lr)] if method == "joint" else [(iters // 2, 0.0, t_lr), (iters - iters // 2, lr / 3, t_lr / 10)]
+        done = 0
+        for n, c_rate, t_rate in stages:
+            _adam(params, loss_on, len(z), batch, g, n, c_rate, t_rate, lambda i, loss: report(done + i, loss))
+            done += n
+    fitted = params.solver(solver.meta)
     if val is not None and rms(val[0], fitted, val[1], val[2], batch) >= rms(val[0], solver, val[1], val[2], batch):
         return solver
     return fitted
+
+
+class _Params:
+    """What ``fit`` tunes: ``dC`` (masked lower-triangular) and the log-gaps ``u`` of the call times."""
+
+    def __init__(self, solver: LinearSolver, learn_times: bool):
+        self.ts0, self.C0 = solver.ts.to(torch.float64), solver.C.to(torch.float64)
+        gaps = self.ts0 - torch.cat([self.ts0[1:], self.ts0.new_zeros(1)])
+        self.learn_times = learn_times and bool((gaps > 0).all())
+        self.mask = torch.tril(torch.ones_like(self.C0))
+        self.dC = torch.zeros_like(self.C0, requires_grad=True)
+        self.u = gaps.log().clone().requires_grad_(self.learn_times)
+
+    def C(self) -> Tensor:
+        return self.C0 + self.dC * self.mask
+
+    def ts(self) -> Tensor:
+        return _times(self.ts0[0], self.u) if self.learn_times else self.ts0
+
+    def groups(self, c_rate: float, t_rate: float) -> list[dict]:
+        return ([{"params": [self.dC], "lr": c_rate}] if c_rate > 0 else []) + \
+            ([{"params": [self.u], "lr": t_rate}] if self.learn_times and t_rate > 0 else [])
+
+    def solver(self, meta: dict) -> LinearSolver:
+        with torch.no_grad():
+            return LinearSolver(self.ts().detach().clone(), self.C().detach().clone(), dict(meta))
+
+
+def _adam(params: _Params, loss_on, pool: int, batch: int, g, iters: int, c_rate: float, t_rate: float, report) -> None:
+    """Adam on mini-batches, warm-up over the first 5% of the steps, cosine decay after it."""
+    groups = params.groups(c_rate, t_rate)
+    if not groups or iters <= 0:
+        return
+    opt = torch.optim.Adam(groups)
+    warm = max(1, iters // 20)
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min((i + 1) / warm, 0.5 * (1 + math.cos(math.pi * i / iters))))
+    for i in range(iters):
+        loss = loss_on(torch.randperm(pool, generator=g)[:batch])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        decay.step()
+        report(i, loss.detach())
+
+
+def _lbfgs(params: _Params, loss_on, idx: Tensor, iters: int, report) -> None:
+    """L-BFGS (Nocedal 1980) with a strong-Wolfe line search on one fixed batch ``idx``."""
+    groups = params.groups(1.0, 1.0)
+    if not groups or iters <= 0:
+        return
+    opt = torch.optim.LBFGS([p for grp in groups for p in grp["params"]], lr=1.0, max_iter=iters,
+                            max_eval=iters * 5 // 4, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-12, tolerance_change=1e-15)
+    evals = [0]
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_on(idx)
+        loss.backward()
+        if evals[0] < iters:
+            report(evals[0], loss.detach())
+        evals[0] += 1
+        return loss
+
+    opt.step(closure)
 
 
 def _times(t0: Tensor, u: Tensor) -> Tensor:

@@ -32,12 +32,12 @@ def weights(H: float, v: list[float]) -> list[float]:
     and more are integrated exactly (the phi functions of Lu et al. 2022, sec. 3.3; UniPC, eq. 8)."""
     if len(v) == 2:
         return [-math.expm1(-H) * w for w in _lagrange(v, 0.5)]
-    moments = torch.tensor([_phi_moment(H, k) for k in range(len(v))], dtype=torch.float64)
+    moments = torch.tensor([phi_moment(H, k) for k in range(len(v))], dtype=torch.float64)
     vander = torch.tensor([[vj**k for vj in v] for k in range(len(v))], dtype=torch.float64)  # (k, j)
     return torch.linalg.solve(vander, moments).tolist()
 
 
-def _phi_moment(H: float, k: int) -> float:
+def phi_moment(H: float, k: int) -> float:
     """``int_0^1 H e^(-H (1 - r)) r^k dr``, by its series where the recurrence would cancel (small H)."""
     if H < 1.0:
         return H * sum((-H) ** m * math.factorial(k) / math.factorial(m + k + 1) for m in range(30))

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from diffx.noise import randn
+from diffx.samplers import multistep
 from diffx.samplers.denoiser import Denoise
 from diffx.samplers.plan import declare
 
@@ -58,18 +59,40 @@ def euler(denoise: Denoise, schedule, x: Tensor, ts: Tensor, generator=None) -> 
 @declare(deterministic=True)
 @torch.no_grad()
 def heun(denoise: Denoise, schedule, x: Tensor, ts: Tensor, generator=None) -> Tensor:
-    """Heun's 2nd-order method on the probability-flow ODE in ``s = sigma / alpha``
-    (Karras et al. 2022, Alg. 1). Two network calls per step, except the last step into t = 0 and a
-    step out of alpha = 0 (an infinite step in s), which take the Euler step as Alg. 1 does.
+    """Heun's 2nd-order method (Karras et al. 2022, Alg. 1): the Euler (DDIM) step predicts the next
+    point, the model is called there, and the step is redone with the trapezoid of the two predictions.
+
+    Alg. 1's trapezoid is on noise_hat in ``s = sigma / alpha``; written on the two x0_hat it weights the
+    new one by ``(e^h - 1) / 2``, with ``h = lambda_s - lambda_t`` the step in ``lambda = log(alpha / sigma)``.
+    Above h = log 3 that weight exceeds 1 and the step extrapolates: out of pure noise (h = 5 - 10 on
+    DDPM schedules, inf on the flow path) it diverged (RMS 1e1 - 1e3 at 5 NFE). Such steps take the
+    trapezoid in the exponential-integrator form instead, ``x_s = (sigma_s / sigma_t) x_t + alpha_s
+    int_0^h e^-(u - h) x0(u) du`` over the line through the two x0_hat (ETDRK2, Cox & Matthews 2002; the
+    data-prediction integral of DPM-Solver++, Lu et al. 2022, eq. 9), whose weights lie in [0, 1] for every
+    h and reach the exact limit at alpha = 0. Both are 2nd order; Alg. 1's is kept where it is stable, as
+    it is the more accurate on a uniform grid's large lambda-steps near pure noise. Two calls per step;
+    the last step into t = 0 takes the Euler step, as Alg. 1 does.
     """
     ab = schedule.table(ts)
     for i in range(len(ts) - 1):
         (a_t, s_t), (a_s, s_s) = ab[i], ab[i + 1]
         x0, noise = denoise(x, ts[i].item())
         x_next = a_s * x0 + s_s * noise
-        if s_s > 0 and a_t > 0:
-            _, noise_next = denoise(x_next, ts[i + 1].item())
-            # trapezoid in s: y_s = y_t + (s_s - s_t) (eps_t + eps_s) / 2, times alpha_s
-            x_next = x_next + (s_s - a_s * s_t / a_t) * (noise_next - noise) / 2
+        if s_s > 0:
+            x0_next, noise_next = denoise(x_next, ts[i + 1].item())
+            h = math.log(a_s / s_s) - (math.log(a_t / s_t) if a_t > 0 else -math.inf)
+            if h <= math.log(3):  # Alg. 1: y_s = y_t + (s_s - s_t) (eps_t + eps_s) / 2, times alpha_s
+                x_next = x_next + (s_s - a_s * s_t / a_t) * (noise_next - noise) / 2
+            else:
+                w_t, w_s = trapezoid(h)
+                x_next = (s_s / s_t) * x + a_s * (w_t * x0 + w_s * x0_next)
         x = x_next
     return x
+
+
+def trapezoid(h: float) -> tuple[float, float]:
+    """``(w_t, w_s)`` with ``int_0^h e^-(h-u) p(u) du = w_t p(0) + w_s p(h)`` for the line p:
+    ``w_s = 1 - (1 - e^-h) / h`` and ``w_t = (1 - e^-h) - w_s``; -> (0, 1) as h -> inf and
+    (h/2, h/2) as h -> 0, the plain trapezoid."""
+    m0, m1 = (multistep.phi_moment(h, k) for k in (0, 1))
+    return m0 - m1, m1

@@ -1,0 +1,185 @@
+"""Calibration as a library call: fit a sampler to any model held in Python (``diffx calibrate`` calls it).
+
+    from diffx.samplers import calibration
+    found = calibration.calibrate(denoise, schedule, noise_shape=(3, 16, 16), steps=[5, 10, 20])
+    found[10].solver        # a LinearSolver, a sampler like the others; learned.save(path, found[10].solver)
+
+For each NFE budget: every deterministic sampler x grid (``BASES`` x ``diffx.samplers.auto.GRIDS``) is
+traced into its linear form and scored on the validation noises (one solve each); the fit
+(``learned.fit``) starts from the best; and the guard keeps the fit only if it beats that best base on
+the validation noises on both the mean per-sample error and the global RMS. So the result is never
+worse there than the best untuned sampler at that NFE. The reference solves (the costly part) are
+shared by all budgets. The global RMS alone is carried by the few samples whose trajectory ends in
+another mode (README, Samplers); the per-sample mean and median are not, so all three are reported.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from diffx.errors import DiffxError
+from diffx.samplers import auto, learned
+from diffx.samplers.plan import name_of, steps_for_nfe
+
+# The deterministic samplers calibration starts from (name, options), on every grid of auto.GRIDS.
+BASES = [("ddim", {}), ("heun", {}), ("dpmpp", {}), ("dpmpp_3m", {}), ("unipc", {}), ("unipc", {"order": 3}),
+         ("ipndm", {})]
+
+
+@dataclass(frozen=True)
+class Score:
+    """Endpoint errors against the reference over a pool: global RMS, and the mean and median of the
+    per-sample RMS (robust to the few samples that end in another mode)."""
+
+    rms: float
+    mean: float
+    median: float
+
+    def beats(self, other: "Score") -> bool:
+        """Better on the per-sample mean and not worse on the global RMS: the guard's rule."""
+        return self.mean < other.mean and self.rms <= other.rms
+
+    def __str__(self) -> str:
+        return f"RMS {self.rms:.3e}, per-sample mean {self.mean:.3e}, median {self.median:.3e}"
+
+
+@dataclass
+class Calibration:
+    """One budget's result: ``solver`` (the fit, or the best base where the fit did not win), which
+    ``kept`` (``fit`` / ``base``), the ``base`` it started from, and ``scores[pool][which]`` with pool
+    ``validation`` / ``holdout`` and which ``base`` / ``fit``; ``candidates``: every base's validation score."""
+
+    solver: learned.LinearSolver
+    base: str
+    kept: str
+    scores: dict = field(default_factory=dict)
+    candidates: dict = field(default_factory=dict)
+
+
+def bases(schedule, nfe: int, choices=None) -> dict[str, learned.LinearSolver]:
+    """``{"unipc order=3 on logsnr": traced solver}`` for each base x grid at ``nfe`` network calls.
+    ``choices``: ``[(label, sampler, grid)]`` instead of all of ``BASES`` x ``auto.GRIDS``."""
+    if choices is None:
+        choices = [(f"{name}{''.join(f' {k}={v}' for k, v in opts.items())} on {gname}",
+                    functools.partial(auto.SAMPLERS[name], **opts), grid)
+                   for name, opts in BASES for gname, grid in auto.GRIDS.items()]
+    out = {}
+    for label, sampler, grid in choices:
+        steps = steps_for_nfe(sampler, nfe, grid, schedule)
+        solver = learned.trace(sampler, schedule, grid(steps, schedule))
+        if solver.steps == nfe:  # Heun cannot spend an even budget exactly: it competes where it can
+            solver.meta.update(base=name_of(sampler), grid=name_of(grid), steps=steps, label=label)
+            out[label] = solver
+    return out
+
+
+@torch.no_grad()
+def score(denoiser_for, solver: learned.LinearSolver, z: Tensor, target: Tensor, batch: int = 256) -> Score:
+    """``Score`` of ``solver`` on noises ``z`` against ``target``; ``denoiser_for(idx)`` for rows of ``z``."""
+    per_sample = []
+    for lo in range(0, len(z), batch):
+        idx = torch.arange(lo, min(lo + batch, len(z)))
+        out = learned.rollout(denoiser_for(idx), solver.C, solver.ts, z[lo:lo + batch])
+        per_sample.append((out - target[lo:lo + batch]).double().flatten(1).pow(2).mean(1).cpu())
+    se = torch.cat(per_sample)  # (N,) per-sample mean squared error
+    return Score(se.mean().sqrt().item(), se.sqrt().mean().item(), se.sqrt().median().item())
+
+
+def check_time_gradient(denoise, x: Tensor, t: float = 0.4321, h: float = 1e-4) -> None:
+    """Raise a one-line ``DiffxError`` if ``denoise``'s x0_hat changes with ``t`` (central finite
+    difference) but autograd sees no such change: a model that takes ``t`` through ``.item()``, a
+    Python float or an integer lookup gives the fit no gradient for the call times."""
+    probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(x)
+    tt = torch.tensor(t, dtype=torch.float64, requires_grad=True)
+    with torch.enable_grad():
+        f = (denoise(x, tt)[0] * probe).sum()
+        grad, = torch.autograd.grad(f, tt, allow_unused=True)
+    with torch.no_grad():
+        fd = ((denoise(x, t + h)[0] * probe).sum() - (denoise(x, t - h)[0] * probe).sum()).item() / (2 * h)
+    auto_grad = 0.0 if grad is None else grad.item()
+    if abs(fd) > 1e-6 * (1 + abs(f.item())) and abs(auto_grad - fd) > 0.5 * abs(fd):
+        raise DiffxError(f"learn_times=true: the model's output changes with t (finite difference {fd:.3g}) but "
+                         f"the gradient reaching t is {auto_grad:.3g}; the model must take t as a tensor "
+                         "without .item() or int(), or pass learn_times=false")
+
+
+def calibrate(denoise, schedule, noise_shape=None, steps=(10,), *, noise: Tensor | None = None,
+              target: Tensor | None = None, denoiser_for: Callable | None = None, samples: int = 1024, validation: int = 256, holdout: int = 256,
+              reference_steps: int = 200, choices=None, method: str = "joint", iters: int = 500,
+              lr: float = 1e-3, t_lr: float = 1e-2, batch: int = 256, learn_times: bool = True, seed: int = 0,
+              log: Callable[[str], None] | None = None) -> dict[int, Calibration]:
+    """Fit a solver at each NFE of ``steps`` to the model behind ``denoise`` (``denoise(x, t) ->
+    (x0_hat, noise_hat)``, differentiable in x, and in t to fit the times).
+
+    ``noise``: the ``samples + validation + holdout`` start noises (the fit's first, validation, holdout
+    last); default: standard normal of ``noise_shape`` from ``seed``. ``target``: their reference ODE endpoints,
+    if already solved (``learned.reference``; another fit of the same pool). ``denoiser_for(idx)``: the denoiser
+    for rows ``idx`` of the pool (per-row conditions); default ``denoise`` for all. ``choices``: the
+    bases to try, ``[(label, sampler, grid)]`` (default: ``BASES`` x ``auto.GRIDS``). The rest is
+    ``learned.fit``'s. Returns ``{nfe: Calibration}``."""
+    log = log or (lambda msg: None)
+    denoiser_for = denoiser_for or (lambda idx: denoise)
+    total = samples + validation + holdout
+    if noise is None:
+        if noise_shape is None:
+            raise DiffxError("calibrate needs noise_shape= (one sample's shape) or noise=")
+        noise = torch.randn((total, *noise_shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    if len(noise) != total:
+        raise DiffxError(f"noise has {len(noise)} rows; expected samples + validation + holdout = {total}")
+    if learn_times and iters > 0:
+        check_time_gradient(denoiser_for(torch.arange(min(2, total))), noise[:min(2, total)])
+    if target is None:
+        target = references(denoiser_for, schedule, noise, reference_steps, batch)
+        log(f"reference: {total} ODE solves at {reference_steps} steps")
+    pools = {name: _pool(denoiser_for, noise, target, lo, hi) for name, (lo, hi) in
+             {"fit": (0, samples), "validation": (samples, samples + validation),
+              "holdout": (samples + validation, total)}.items()}
+    out = {}
+    for nfe in sorted(set(int(n) for n in steps)):
+        out[nfe] = _one_budget(schedule, nfe, pools, choices, batch, log,
+                               dict(iters=iters, lr=lr, t_lr=t_lr, batch=batch, seed=seed, learn_times=learn_times,
+                                    method=method))
+    return out
+
+
+def references(denoiser_for, schedule, noise: Tensor, steps: int = 200, batch: int = 256) -> Tensor:
+    """``learned.reference`` endpoints of every row of ``noise``, ``batch`` rows at a time."""
+    return torch.cat([learned.reference(denoiser_for(torch.arange(lo, min(lo + batch, len(noise)))), schedule,
+                                        noise[lo:lo + batch], steps) for lo in range(0, len(noise), batch)])
+
+
+def _pool(denoiser_for, noise: Tensor, target: Tensor, lo: int, hi: int) -> tuple:
+    rows = torch.arange(lo, hi)
+    return (lambda idx: denoiser_for(rows[idx])), noise[lo:hi], target[lo:hi]
+
+
+def _one_budget(schedule, nfe: int, pools: dict, choices, batch: int, log, fit_options: dict) -> Calibration:
+    """Score every base on the validation noises, fit from the best, keep the better of the two."""
+    val_for, val_z, val_target = pools["validation"]
+    candidates = {label: (solver, score(val_for, solver, val_z, val_target, batch))
+                  for label, solver in bases(schedule, nfe, choices).items()}
+    if not candidates:
+        raise DiffxError(f"steps={nfe}: no deterministic base sampler spends exactly {nfe} network calls")
+    label = min(candidates, key=lambda k: (candidates[k][1].mean, candidates[k][1].rms))
+    base, base_val = candidates[label]
+    log(f"{nfe} NFE: best base on the validation noises {label} ({base_val}) of {len(candidates)}")
+    fit_for, fit_z, fit_target = pools["fit"]
+
+    def step_log(i, loss):
+        log(f"{nfe} NFE: fit {i + 1}/{fit_options['iters']}  train RMS {loss ** 0.5:.3e}")
+
+    fitted = learned.fit(fit_for, base, fit_z, fit_target, on_step=step_log, **fit_options) \
+        if fit_options["iters"] > 0 else base
+    fit_val = score(val_for, fitted, val_z, val_target, batch)
+    kept = "fit" if fitted is not base and fit_val.beats(base_val) else "base"
+    held_for, held_z, held_target = pools["holdout"]
+    scores = {"validation": {"base": base_val, "fit": fit_val},
+              "holdout": {"base": score(held_for, base, held_z, held_target, batch),
+                          "fit": score(held_for, fitted, held_z, held_target, batch)}}
+    solver = fitted if kept == "fit" else base
+    return Calibration(solver, label, kept, scores, {k: v[1] for k, v in candidates.items()})

@@ -1,0 +1,123 @@
+"""Calibration as a library call (diffx.samplers.calibration): the base is the best of all deterministic
+samplers x grids, the result never loses to it on the validation noises, budgets share one reference."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import make_objective
+from diffx.errors import DiffxError
+from diffx.samplers import calibration, learned, make_denoiser
+from diffx.tensors import bcast
+
+
+class Mixture(torch.nn.Module):
+    """An exact 'network' for a K-component Gaussian mixture in D dimensions (std c): the objective's
+    target for the posterior mean; ``detach_t`` takes t through ``.item()``, as a careless model might."""
+
+    def __init__(self, objective, dim=6, k=4, c=0.1, seed=0, detach_t=False):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.mu = torch.rand(k, dim, generator=g, dtype=torch.float64) * 1.6 - 0.8  # (K, D)
+        self.objective, self.c2, self.detach_t, self.calls = objective, c * c, detach_t, 0
+
+    def forward(self, x, t, cond=None):
+        self.calls += len(x)
+        if self.detach_t:
+            t = torch.full_like(t, t[0].item())
+        alpha, sigma = (bcast(v, x).to(x.dtype) for v in self.objective.schedule.alpha_sigma(t))
+        var = alpha**2 * self.c2 + sigma**2  # (B, 1)
+        d = x[:, None, :] - alpha[:, None] * self.mu.to(x.dtype)  # (B, K, D)
+        resp = torch.softmax(-(d**2).sum(-1) / (2 * var), dim=1)  # (B, K)
+        mean = resp @ self.mu.to(x.dtype)
+        x0 = mean + (alpha * self.c2 / var) * (x - alpha * mean)
+        return self.objective.target(x0, (x - alpha * x0) / sigma, t)
+
+
+def _setup(family="ddpm", schedule="linear", **kw):
+    obj = make_objective(family, schedule)
+    model = Mixture(obj, **kw)
+    return obj, model, make_denoiser(model, obj)
+
+
+SMALL = dict(samples=128, validation=64, holdout=64, reference_steps=40, batch=64, iters=30)
+
+
+def test_the_result_never_loses_to_the_best_base_and_budgets_share_one_reference(monkeypatch):
+    obj, model, den = _setup()
+    solved = []
+    reference = learned.reference
+    monkeypatch.setattr(learned, "reference", lambda d, s, z, steps: solved.append(len(z)) or reference(d, s, z, steps))
+    found = calibration.calibrate(den, obj.schedule, noise_shape=(6,), steps=[4, 6], seed=0, **SMALL)
+    assert set(found) == {4, 6}
+    assert sum(solved) == 256  # samples + validation + holdout, solved once for both budgets
+    for nfe, result in found.items():
+        val = result.scores["validation"]
+        best = min(result.candidates.values(), key=lambda s: (s.mean, s.rms))
+        assert val["base"] == best and result.candidates[result.base] == best
+        assert len(result.candidates) >= 15  # 7 bases x 3 grids, Heun only at odd budgets
+        kept = val[result.kept]
+        assert kept.mean <= best.mean and kept.rms <= best.rms
+        assert result.solver.steps == nfe and len(result.solver.ts) == nfe
+        assert (result.kept == "fit") == val["fit"].beats(val["base"])
+
+
+def test_a_named_base_is_the_only_candidate():
+    from diffx import grids
+    from diffx.samplers import multistep
+
+    obj, _, den = _setup("flow", "linear")
+    found = calibration.calibrate(den, obj.schedule, noise_shape=(6,), steps=[5], iters=0,
+                                  choices=[("dpmpp on uniform", multistep.dpmpp, grids.uniform)],
+                                  **{k: v for k, v in SMALL.items() if k != "iters"})
+    assert list(found[5].candidates) == ["dpmpp on uniform"] and found[5].kept == "base"
+    assert found[5].solver.meta["base"] == "dpmpp" and found[5].solver.meta["grid"] == "uniform"
+
+
+def test_the_score_separates_mode_flips_from_typical_error():
+    """One sample far off: the RMS moves with it, the median does not."""
+    obj, _, den = _setup()
+    z = torch.randn(64, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    base = calibration.bases(obj.schedule, 5)["unipc on logsnr"]
+    target = learned.rollout(den, base.C, base.ts, z)
+    clean = calibration.score(lambda idx: den, base, z, target)
+    assert clean.rms == pytest.approx(0, abs=1e-12)
+    target[0] += 10.0
+    flipped = calibration.score(lambda idx: den, base, z, target)
+    assert flipped.rms == pytest.approx(10 / math.sqrt(64), rel=1e-6) and flipped.median == pytest.approx(0, abs=1e-12)
+    assert flipped.mean == pytest.approx(10 / 64, rel=1e-6)  # one per-sample RMS of 10, 63 of 0
+
+
+def test_a_model_that_drops_the_time_gradient_is_named():
+    obj, _, den = _setup(detach_t=True)
+    with pytest.raises(DiffxError, match="learn_times=true: the model's output changes with t") as e:
+        calibration.calibrate(den, obj.schedule, noise_shape=(6,), steps=[4], **SMALL)
+    assert len(str(e.value).splitlines()) == 1
+    _, _, good = _setup()
+    calibration.check_time_gradient(good, torch.randn(2, 6, dtype=torch.float64))  # no error
+    found = calibration.calibrate(den, obj.schedule, noise_shape=(6,), steps=[4], learn_times=False, **SMALL)
+    assert found[4].solver.steps == 4
+
+
+@pytest.mark.parametrize("method", ["joint", "staged", "lbfgs"])
+def test_every_fit_method_lowers_the_training_loss(method):
+    obj, _, den = _setup()
+    z = torch.randn(256, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    target = learned.reference(den, obj.schedule, z, 60)
+    base = calibration.bases(obj.schedule, 4)["dpmpp on uniform"]
+    losses = []
+    fitted = learned.fit(lambda idx: den, base, z, target, iters=40, lr=3e-3, t_lr=3e-2, batch=256, method=method,
+                         on_step=lambda i, loss: losses.append(loss), check_every=1)
+    before = calibration.score(lambda idx: den, base, z, target)
+    after = calibration.score(lambda idx: den, fitted, z, target)
+    assert after.rms < 0.9 * before.rms, (method, before, after)
+    assert losses and all(math.isfinite(v) for v in losses)
+
+
+def test_an_unknown_method_is_a_one_line_error():
+    obj, _, den = _setup()
+    base = calibration.bases(obj.schedule, 4)["dpmpp on uniform"]
+    z = torch.zeros(4, 6, dtype=torch.float64)
+    with pytest.raises(DiffxError, match="method=adamw: expected one of joint, staged, lbfgs"):
+        learned.fit(lambda idx: den, base, z, z, iters=1, method="adamw")
