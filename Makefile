@@ -3,7 +3,7 @@ PY ?= python3
 PIP ?= $(PY) -m pip
 RUN ?= runs/demo
 
-.PHONY: help install demo test test-all bench lint
+.PHONY: help install demo test test-all bench bench-train lint
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ bench: install  ## sampler accuracy vs diffusers and k-diffusion, with fitted so
 	$(PIP) install -q ".[bench]"
 	$(PIP) install -q --no-deps k-diffusion==0.1.1.post1  # its own deps would pull torchvision
 	$(PY) scripts/bench_samplers.py
+
+bench-train:  ## training-step images/s and GFLOP/s, diffx vs diffusers at matched sizes (needs a quiet machine)
+	OMP_NUM_THREADS=2 $(PY) scripts/bench_train.py
 
 lint:  ## report duplicated code in the tree (a place to look, not a verdict)
 	duplicates --repo . --most 20

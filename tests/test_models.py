@@ -352,3 +352,17 @@ def test_a_training_run_with_each_option_learns(options, tmp_path):
         "train.lr=2e-3", "train.warmup=0", "train.log_every=5", "train.save_every=40", f"run_dir={tmp_path / 'run'}"]))
     losses = [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines() if '"loss"' in line]
     assert sum(losses[-2:]) / 2 < 0.75 * losses[0], losses
+
+
+def test_a_text_model_passes_the_guidance_scale_of_a_guided_student_through():
+    """A guided-distilled text student (diffx.distill) takes w beside the text head's output."""
+    from diffx.text import Tiny
+    tiny = Tiny(width=16, depth=1, heads=2, max_length=6)
+    model = TextConditioned(MMDiT(C, S, width=16, depth=1, heads=2, text_dim=16, pooled_dim=16, guidance_embed=True),
+                            tiny.head())
+    gen = torch.Generator().manual_seed(0)
+    perturb_all(model, gen)
+    x, t = torch.randn(2, C, S, S, generator=gen), torch.full((2,), 0.5)
+    cond = tiny.features(["a red circle", "a blue square"])
+    out = {w: model(x, t, {**cond, "w": torch.full((2,), w)}) for w in (1.0, 5.0)}
+    assert not torch.allclose(out[1.0], out[5.0])
