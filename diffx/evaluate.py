@@ -56,7 +56,7 @@ def evaluate(cfg: DictConfig) -> dict:
     shapes, colors = _vocabulary(data, cfg.ckpt) if scored else ((), ())
     splits = _splits(str(cfg.split), data, shapes, colors) if scored else []
     scales = [float(s) for s in cfg.cfg] if isinstance(cfg.cfg, (list, ListConfig)) else [float(cfg.cfg)]
-    plan = sampling_plan(cfg, parts.objective.schedule)
+    plan = sampling_plan(cfg, parts.objective.schedule, ckpt.sampling)
 
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).parent
     outputs = [out / "eval.json"] + [out / _grid_name(sp, s) for sp in splits for s in scales if cfg.save_grid]

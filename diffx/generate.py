@@ -72,27 +72,17 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def sampling_plan(cfg, schedule) -> plans.Plan:
+def sampling_plan(cfg, schedule, native: dict | None = None) -> plans.Plan:
     """The sampling plan a command's config asks for: ``sampler=``, ``grid=`` and ``steps=``.
 
     A distilled student (``diffx distill``) records its native step count and call times in its
-    checkpoint: with ``steps`` null and neither ``sampler=`` nor ``grid=`` given on the command line, it
-    runs on them with DDIM (Euler on a flow path), the one-step update its targets were built for."""
-    native = _native_sampling(cfg)
-    if native is not None:
+    checkpoint (``native``: the checkpoint's ``sampling``, as its header was read): with ``steps`` null and
+    neither ``sampler=`` nor ``grid=`` given on the command line, it runs on them with DDIM (Euler on a
+    flow path), the one-step update its targets were built for."""
+    if native is not None and cfg.get("steps") is None and not _on_command_line("sampler", "grid"):
         return plans.Plan(ddim, torch.tensor(native["ts"], dtype=torch.float64), "ddim", native["steps"], True,
                           f"native ({native.get('method', 'distilled')})")
     return plans.make(instantiate(cfg.sampler), instantiate(cfg.grid), cfg.get("steps"), schedule)
-
-
-def _native_sampling(cfg) -> dict | None:
-    """The checkpoint's native plan (``checkpoint.Header.sampling``), unless the request overrides it."""
-    ckpt = cfg.get("ckpt")
-    if not isinstance(ckpt, str) or cfg.get("steps") is not None or _on_command_line("sampler", "grid"):
-        return None
-    from diffx import checkpoint  # here: most commands never read a header twice
-
-    return checkpoint.read_header(ckpt).sampling
 
 
 def _on_command_line(*groups: str) -> bool:

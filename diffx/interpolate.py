@@ -39,7 +39,7 @@ def interpolate(cfg: DictConfig) -> list[Path]:
     device = resolve_device(cfg.device)
     parts, ckpt = checkpoint.load(cfg.ckpt, device)
     check_guidance(cfg.cfg, parts, cfg.ckpt)
-    plan = sampling_plan(cfg, parts.objective.schedule)
+    plan = sampling_plan(cfg, parts.objective.schedule, ckpt.sampling)
     check_plan(plan)
     a, b = (int(s) for s in cfg.seeds)
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).parent / "interpolations"

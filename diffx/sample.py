@@ -46,7 +46,7 @@ def sample(cfg: DictConfig) -> list[Path]:
 
     for line in parts.condition.notes([s.inputs[0] for s in sets], ckpt.spec.vocabulary):
         console.print(f"warning: {line}", soft_wrap=True, markup=False)
-    plan = sampling_plan(cfg, parts.objective.schedule)
+    plan = sampling_plan(cfg, parts.objective.schedule, ckpt.sampling)
     if plan.note:
         console.print(f"note: {plan.note}")
     start, start_text = None, {}

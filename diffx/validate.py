@@ -186,8 +186,8 @@ def _check_sample(cfg: DictConfig, numbers=_SAMPLE_NUMBERS):
         check_params(cfg[key], key)
     # Header and metadata only: a wrong or corrupt file fails before any weight is read. Whether the
     # model is conditional (for cfg) is the condition source's call, made in sample() once it is built.
-    checkpoint.read_header(cfg.ckpt)
-    plan = sampling_plan(cfg, schedules.FlowLinear())  # the stand-in's times are not used
+    header = checkpoint.read_header(cfg.ckpt)
+    plan = sampling_plan(cfg, schedules.FlowLinear(), header.sampling)  # the stand-in's times are not used
     if "init_image" in cfg:
         _check_image_inputs(cfg, plan)
     return plan
@@ -256,10 +256,9 @@ def _check_other(cfg: DictConfig) -> None:
     for key in ("sampler", "grid"):
         if isinstance(cfg.get(key), DictConfig):
             check_params(cfg[key], key)
+    header = checkpoint.read_header(cfg.ckpt) if isinstance(cfg.get("ckpt"), str) else None
     if isinstance(cfg.get("sampler"), DictConfig) and isinstance(cfg.get("grid"), DictConfig):
-        sampling_plan(cfg, schedules.FlowLinear())
-    if isinstance(cfg.get("ckpt"), str):
-        checkpoint.read_header(cfg.ckpt)
+        sampling_plan(cfg, schedules.FlowLinear(), None if header is None else header.sampling)
 
 
 def _check_missing(cfg: DictConfig) -> None:

@@ -56,7 +56,9 @@ class Samples:
         return reference.features(self.data_cfg, self.load_data, network, self.options.reference_images,
                                   _sub(self.options.cache_dir, "reference"))
 
+    @functools.cached_property
     def classifier(self) -> classifiers.Classifier:
+        """The data's classifier, loaded (or trained) once for every metric that needs it."""
         return classifiers.classifier(self.data_cfg, self.load_data(), _sub(self.options.cache_dir, "classifier"))
 
 
@@ -83,7 +85,7 @@ def kid(s: Samples) -> dict:
 def class_accuracy(s: Samples) -> dict:
     """The fraction of samples the data's classifier reads as the class they were asked for, overall
     and per class, beside the classifier's own accuracy on real images it never saw."""
-    clf = s.classifier()
+    clf = s.classifier
     right = clf.predict(s.images) == s.labels
     per_class = {name: float(right[s.labels == k].mean()) for k, name in enumerate(clf.class_names) if (s.labels == k).any()}
     return {"class_accuracy": float(right.mean()), "per_class": per_class,
@@ -92,7 +94,7 @@ def class_accuracy(s: Samples) -> dict:
 
 def fd_classifier(s: Samples) -> dict:
     """Frechet distance in the classifier's feature space (for data=digits: the digit classifier's)."""
-    clf = s.classifier()
+    clf = s.classifier
     gen = s.features(clf)
     ref = reference.features(s.data_cfg, s.load_data, clf, len(s.load_data().dataset),
                              _sub(s.options.cache_dir, "reference"))
