@@ -114,6 +114,17 @@ def save_state(run_dir: Path, accelerator, model, ema, optimizer, scheduler, ste
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def _match_layouts(optimizer) -> None:
+    """Give each per-parameter state tensor (AdamW's moments) its parameter's memory layout. A state
+    saved by a run whose conv weights were NCHW, resumed with ``model.channels_last=true`` (or the
+    reverse), would otherwise meet the fused CPU AdamW, which pairs elements by memory position and
+    silently mixes them up (measured: a 0.17 error after one step on a 3x3 conv)."""
+    for p, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
 def load_state(run_dir: Path, accelerator, model, ema, optimizer, scheduler, train=None,
                generators: tuple[torch.Generator, ...] = ()) -> int:
     """Restore the newest state ``save_state`` wrote; returns the step to continue from. With ``train``,
@@ -128,6 +139,7 @@ def load_state(run_dir: Path, accelerator, model, ema, optimizer, scheduler, tra
         # weights_only=True: the safe unpickler, which loads tensors and plain containers and
         # refuses anything that would import or call code.
         optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+        _match_layouts(optimizer)
         rng = load_file(str(folder / "rng.safetensors"))
         torch.set_rng_state(rng["torch"])
         for i, g in enumerate(generators):  # a state written before they were saved: they start from the seed

@@ -29,14 +29,15 @@ from diffx.models.mmdit import MMDiT
 from diffx.models.unet import UNet
 
 
-def unet_pair(size: int, width: int, smoke: bool):
+def unet_pair(size: int, width: int, smoke: bool, channels_last: bool = True):
     """diffx's UNet (labels) vs UNet2DModel (class embeddings), widths (w, 2w, 2w), attention at the two
-    lower levels, one ResBlock per level."""
+    lower levels, one ResBlock per level. diffx's UNet as its config builds it (channels_last, the
+    default of conf/model/unet.yaml); ``--diffx-nchw`` / ``--diffusers-nhwc`` show the other layouts."""
     from diffusers import UNet2DModel
 
     w = 16 if smoke else width
     ours = UNet(in_channels=3, image_size=size, num_classes=10, channels=w, channel_mult=(1, 2, 2), num_res_blocks=1,
-                attn_resolutions=(size // 2, size // 4), heads=4)
+                attn_resolutions=(size // 2, size // 4), heads=4, channels_last=channels_last)
     theirs = UNet2DModel(sample_size=size, in_channels=3, out_channels=3, layers_per_block=1,
                          block_out_channels=(w, 2 * w, 2 * w), norm_num_groups=8, attention_head_dim=2 * w // 4,
                          down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
@@ -61,7 +62,8 @@ def mmdit_pair(size: int, width: int, smoke: bool):
                  patch_size=2)
     theirs = SD3Transformer2DModel(sample_size=size, patch_size=2, in_channels=4, out_channels=4, num_layers=depth,
                                    attention_head_dim=w // heads, num_attention_heads=heads, joint_attention_dim=text,
-                                   caption_projection_dim=w, pooled_projection_dim=pooled, pos_embed_max_size=size // 2)
+                                   caption_projection_dim=w, pooled_projection_dim=pooled, pos_embed_max_size=size // 2,
+                                   qk_norm="rms_norm")  # diffx's MMDiT has QK-norm (SD3 sec. 5.3.2, SD3.5)
 
     def inputs(b, device):
         x, t = torch.randn(b, 4, size, size, device=device), torch.rand(b, device=device)
@@ -116,7 +118,9 @@ def matmul_peak(device, dtype, n: int = 1024, reps: int = 10) -> float:
 
 def compare(name: str, args, device, autocast) -> None:
     build, size, width = PAIRS[name]
-    ours, theirs, inputs = build(size, width, args.smoke)
+    ours, theirs, inputs = build(size, width, args.smoke, **({"channels_last": not args.diffx_nchw} if name == "unet" else {}))
+    if args.diffusers_nhwc:
+        theirs = theirs.to(memory_format=torch.channels_last)
     ours, theirs = ours.to(device).train(), theirs.to(device).train()
     x, f_ours, f_theirs = inputs(args.batch, device)
     params = [sum(p.numel() for p in m.parameters()) for m in (ours, theirs)]
@@ -146,6 +150,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per model per round")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="tiny models, to check that it runs")
+    parser.add_argument("--diffx-nchw", action="store_true", help="diffx's UNet with model.channels_last=false")
+    parser.add_argument("--diffusers-nhwc", action="store_true", help="diffusers' models in channels_last too")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

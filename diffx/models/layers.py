@@ -161,15 +161,19 @@ def merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(b, n, h * dh)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, has_key: bool = False) -> Tensor:
     """Scaled dot-product attention over (B, H, N, Dh) tensors; key_mask (B, Nk) is True for real keys.
 
     A query whose keys are all masked (e.g. the null text condition, an all-False mask) gets a zero
-    output instead of the NaN that a softmax over nothing gives.
+    output instead of the NaN that a softmax over nothing gives. ``has_key``: the caller guarantees a
+    real key in every row (the MMDiT's register and image tokens), which skips that fix-up (a full-size
+    multiply forward and backward, ~2% of an MMDiT training step on the CPU).
     """
     if key_mask is None:
         return F.scaled_dot_product_attention(q, k, v)
     key_mask = key_mask.bool()
+    if has_key:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
     any_key = key_mask.any(dim=-1)  # (B,)
     # Unmask empty rows so the softmax is finite, then zero their output below.
     safe = key_mask | ~any_key[:, None]

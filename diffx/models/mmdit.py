@@ -89,8 +89,10 @@ class StreamWeights(nn.Module):
     def residual(self, x: Tensor, attn: Tensor, mod: tuple[Tensor, ...]) -> Tensor:
         """Gated attention and MLP residuals; attn (B, N, D) is this stream's slice of the joint output."""
         gate_msa, shift_mlp, scale_mlp, gate_mlp, *alone = mod
-        x = x + gate_msa[:, None] * self.proj(attn) + (alone[0] if alone else 0)
-        return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = torch.addcmul(x, gate_msa[:, None], self.proj(attn))  # x + gate * proj(attn), one pass
+        if alone:
+            x = x + alone[0]
+        return torch.addcmul(x, gate_mlp[:, None], self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
 class DoubleStreamBlock(nn.Module):
@@ -111,10 +113,11 @@ class DoubleStreamBlock(nn.Module):
         # A pre-only context stream asks no queries: only the image tokens attend.
         q = q_img if q_ctx is None else torch.cat([q_ctx, q_img], dim=2)  # (B, H, [L+]N, Dh)
         key_mask = torch.cat([mask, mask.new_ones(x.shape[:2])], dim=1)  # (B, L+N)
-        out = merge_heads(attention(q, k, v, key_mask))  # (B, [L+]N, D)
-        x = self.image.residual(x, out[:, -x.shape[1]:], mod_img)
+        out = attention(q, k, v, key_mask, has_key=True)  # (B, H, [L+]N, Dh); image keys are always real
+        # Each stream merges its own slice of the heads: one copy each, not a merge and a sliced copy.
+        x = self.image.residual(x, merge_heads(out[:, :, -x.shape[1]:]), mod_img)
         if q_ctx is not None:
-            ctx = self.context.residual(ctx, out[:, : ctx.shape[1]], mod_ctx)
+            ctx = self.context.residual(ctx, merge_heads(out[:, :, : ctx.shape[1]]), mod_ctx)
         return x, ctx
 
 
@@ -140,9 +143,9 @@ class SingleStreamBlock(nn.Module):
         if rope is not None:  # rotate the image tokens (the last N); the context ones sit at position 0
             n = rope[0].shape[0]
             q, k = (torch.cat([y[:, :, :-n], apply_rope(y[:, :, -n:], rope)], dim=2) for y in (q, k))
-        attn = merge_heads(attention(q, k, v, mask))  # (B, L+N, D)
+        attn = merge_heads(attention(q, k, v, mask, has_key=True))  # (B, L+N, D); the register is a real key
         out = self.fused_out(torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=-1))
-        return h + gate[:, None] * out
+        return torch.addcmul(h, gate[:, None], out)  # h + gate * out
 
 
 class FinalLayer(nn.Module):
@@ -248,7 +251,9 @@ class MMDiT(nn.Module):
         return torch.cat([tok.to(dtype) for tok in tokens], dim=1), torch.cat(mask, dim=1)
 
     def patchify(self, x: Tensor) -> Tensor:
-        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, D, g, g) -> (B, g*g, D)
+        # (B, D, g, g) -> (B, g*g, D), made contiguous once here: a transposed view would carry its layout
+        # through every residual add, and each LayerNorm would then copy its input (~5% of a CPU step).
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2).contiguous()
         return tokens if self.pos_embed is None else tokens + self.pos_embed
 
     def unpatchify(self, x: Tensor) -> Tensor:
