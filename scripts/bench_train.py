@@ -12,6 +12,7 @@ models run in bf16 autocast; on the CPU in float32.
     OMP_NUM_THREADS=2 python scripts/bench_train.py                   # both pairs, 7 rounds
     python scripts/bench_train.py --pairs unet --rounds 3 --steps 3   # quicker
     python scripts/bench_train.py --smoke                             # tiny sizes: does it run
+    python scripts/bench_train.py --pairs mmdit --profile --batch 16  # where a step's time goes, per op
 """
 
 from __future__ import annotations
@@ -142,6 +143,32 @@ def compare(name: str, args, device, autocast) -> None:
               f"{args.rounds} rounds)", flush=True)
 
 
+def profile(name: str, args, device, autocast, top: int = 20) -> None:
+    """``--profile``: torch.profiler's self CPU time per op, one training step of each model (the mean of
+    3 after 2 warm-up steps), side by side, the ops where either side spends most first."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    build, size, width = PAIRS[name]
+    ours, theirs, inputs = build(size, width, args.smoke, **({"channels_last": not args.diffx_nchw} if name == "unet" else {}))
+    x, f_ours, f_theirs = inputs(args.batch, device)
+    per_op = []
+    for model, forward in ((ours, f_ours), (theirs, f_theirs)):
+        step = _step_fn(model.to(device).train(), forward, x, True)
+        with autocast():
+            _time(step, 2, device)
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                _time(step, 3, device)
+        per_op.append({e.key: (e.self_cpu_time_total / 3e3, e.count // 3) for e in prof.key_averages()})
+    keys = sorted(set(per_op[0]) | set(per_op[1]), key=lambda k: -max(p.get(k, (0, 0))[0] for p in per_op))
+    print(f"{name} train step, self CPU ms per step (calls): {'diffx':>18s} {'diffusers':>18s}")
+    for k in keys[:top]:
+        (a, n), (b, m) = per_op[0].get(k, (0, 0)), per_op[1].get(k, (0, 0))
+        print(f"  {k[:58]:58s} {a:9.1f} ({n:4d}) {b:9.1f} ({m:4d})")
+    print(f"  {'total':58s} {sum(v[0] for v in per_op[0].values()):9.1f}        "
+          f"{sum(v[0] for v in per_op[1].values()):9.1f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
@@ -150,6 +177,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per model per round")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="tiny models, to check that it runs")
+    parser.add_argument("--profile", action="store_true", help="per-op profile of one training step instead")
     parser.add_argument("--diffx-nchw", action="store_true", help="diffx's UNet with model.channels_last=false")
     parser.add_argument("--diffusers-nhwc", action="store_true", help="diffusers' models in channels_last too")
     args = parser.parse_args()
@@ -159,7 +187,7 @@ def main() -> None:
     args.peak = matmul_peak(device, dtype) / 1e9
     print(f"device {device}, {dtype}, {torch.get_num_threads()} threads; matmul peak {args.peak:.1f} GFLOP/s")
     for name in args.pairs:
-        compare(name, args, device, autocast)
+        (profile if args.profile else compare)(name, args, device, autocast)
 
 
 if __name__ == "__main__":
