@@ -77,22 +77,19 @@ def sampling_plan(cfg, schedule, native: dict | None = None) -> plans.Plan:
 
     A distilled student (``diffx distill``) records its native step count and call times in its
     checkpoint (``native``: the checkpoint's ``sampling``, as its header was read): with ``steps`` null and
-    neither ``sampler=`` nor ``grid=`` given on the command line, it runs on them with DDIM (Euler on a
-    flow path), the one-step update its targets were built for."""
-    if native is not None and cfg.get("steps") is None and not _on_command_line("sampler", "grid"):
+    the sampler and grid left to diffx (``auto``, the defaults), it runs on them with DDIM (Euler on a flow
+    path), the one-step update its targets were built for. Read from the config itself, so a Python caller
+    composing ``sampler=euler`` gets Euler as a command line does."""
+    if native is not None and cfg.get("steps") is None and not _chosen(cfg, "sampler", "grid"):
         return plans.Plan(ddim, torch.tensor(native["ts"], dtype=torch.float64), "ddim", native["steps"], True,
                           f"native ({native.get('method', 'distilled')})")
     return plans.make(instantiate(cfg.sampler), instantiate(cfg.grid), cfg.get("steps"), schedule)
 
 
-def _on_command_line(*groups: str) -> bool:
-    """Whether the user's overrides (Hydra's record of this run) set any of ``groups`` or their keys."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return False
-    keys = (o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] for o in HydraConfig.get().overrides.task)
-    return any(k in groups for k in keys)
+def _chosen(cfg, *groups: str) -> bool:
+    """Whether any of the config ``groups`` names something other than diffx's ``auto`` choice."""
+    return any(cfg.get(g) is not None and not str(cfg[g].get("_target_", "")).startswith("diffx.samplers.auto.")
+               for g in groups)
 
 
 def guidance_options(cfg) -> dict:
