@@ -64,6 +64,7 @@ def train(cfg: DictConfig) -> Path:
     sampler = EpochSampler(len(dataset), seed=cfg.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, drop_last=True,
                                          num_workers=tc.num_workers,
+                                         pin_memory=accelerator.device.type == "cuda",  # page-locked: DMA copies
                                          # its own generator: starting an epoch must not draw from the
                                          # global RNG, or a resumed run would diverge from a straight one
                                          generator=torch.Generator().manual_seed(cfg.seed))
