@@ -144,27 +144,32 @@ def compare(name: str, args, device, autocast) -> None:
 
 
 def profile(name: str, args, device, autocast, top: int = 20) -> None:
-    """``--profile``: torch.profiler's self CPU time per op, one training step of each model (the mean of
-    3 after 2 warm-up steps), side by side, the ops where either side spends most first."""
+    """``--profile``: torch.profiler's self CPU time per op of a training step of each model, side by side
+    (the mean over ``--rounds`` steps each, the two models alternating after 2 warm-up steps, so that load
+    drift hits both alike), the ops where either side spends most first."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     build, size, width = PAIRS[name]
     ours, theirs, inputs = build(size, width, args.smoke, **({"channels_last": not args.diffx_nchw} if name == "unet" else {}))
     x, f_ours, f_theirs = inputs(args.batch, device)
-    per_op = []
-    for model, forward in ((ours, f_ours), (theirs, f_theirs)):
-        step = _step_fn(model.to(device).train(), forward, x, True)
-        with autocast():
+    steps = [_step_fn(m.to(device).train(), f, x, True) for m, f in ((ours, f_ours), (theirs, f_theirs))]
+    per_op = [{}, {}]
+    with autocast():
+        for step in steps:
             _time(step, 2, device)
-            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-                _time(step, 3, device)
-        per_op.append({e.key: (e.self_cpu_time_total / 3e3, e.count // 3) for e in prof.key_averages()})
+        for _ in range(args.rounds):
+            for step, ops in zip(steps, per_op):
+                with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                    _time(step, 1, device)
+                for e in prof.key_averages():
+                    t, n = ops.get(e.key, (0.0, 0))
+                    ops[e.key] = (t + e.self_cpu_time_total / 1e3 / args.rounds, n + e.count / args.rounds)
     keys = sorted(set(per_op[0]) | set(per_op[1]), key=lambda k: -max(p.get(k, (0, 0))[0] for p in per_op))
     print(f"{name} train step, self CPU ms per step (calls): {'diffx':>18s} {'diffusers':>18s}")
     for k in keys[:top]:
         (a, n), (b, m) = per_op[0].get(k, (0, 0)), per_op[1].get(k, (0, 0))
-        print(f"  {k[:58]:58s} {a:9.1f} ({n:4d}) {b:9.1f} ({m:4d})")
+        print(f"  {k[:58]:58s} {a:9.1f} ({n:4.0f}) {b:9.1f} ({m:4.0f})")
     print(f"  {'total':58s} {sum(v[0] for v in per_op[0].values()):9.1f}        "
           f"{sum(v[0] for v in per_op[1].values()):9.1f}", flush=True)
 
