@@ -7,6 +7,9 @@ Rows: the teacher with its best sampler at each step count (of euler, dpmpp, uni
 steps, and each student: a progressive or guided run's ``round<k>`` checkpoints sampled on their native
 steps, the reflow student with Euler at each step count. Each eval is a ``diffx eval`` process run with
 ``OMP_NUM_THREADS=1``; its CPU time is measured. Writes ``results.json`` and prints a Markdown table.
+
+For a teacher trained with ``data.holdout`` ``diffx eval`` scores two splits, ``heldout`` (combinations
+never trained on) and ``seen``: each cell is then ``heldout / seen``, and "best" is by their mean.
 """
 
 from __future__ import annotations
@@ -24,16 +27,26 @@ STEPS = (1, 2, 4, 8)
 TEACHER_SAMPLERS = ("euler", "dpmpp", "unipc")
 
 
-def evaluate(ckpt: Path, out: Path, cfg: float, captions: int, *overrides: str) -> tuple[float, float]:
-    """(exact match, CPU seconds) of one ``diffx eval``."""
+def evaluate(ckpt: Path, out: Path, cfg: float, captions: int, *overrides: str) -> tuple[dict[str, float], float]:
+    """({split: exact match}, CPU seconds) of one ``diffx eval``; the splits are ``all``, or ``heldout``
+    and ``seen`` for a checkpoint trained with a hold-out."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(["diffx", "eval", f"ckpt={ckpt}", f"out={out}", f"cfg={cfg}", f"captions={captions}",
                     "save_grid=false", "overwrite=true", *overrides], check=True, capture_output=True,
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     report = json.loads((out / "eval.json").read_text())
-    row = next(r for r in report["results"] if r.get("split", "all") == "all" and r["cfg"] == cfg)
-    return row["exact"], (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    exact = {r.get("split", "all"): r["exact"] for r in report["results"] if r["cfg"] == cfg}
+    return exact, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def cell(exact: dict[str, float]) -> str:
+    """``98.4%``, or ``96.9% / 100.0%`` (heldout / seen)."""
+    return " / ".join(f"{100 * exact[k]:.1f}%" for k in ("all", "heldout", "seen") if k in exact)
+
+
+def mean(exact: dict[str, float]) -> float:
+    return sum(exact.values()) / len(exact)
 
 
 def rounds(run: Path) -> dict[int, Path]:
@@ -49,7 +62,8 @@ def main(argv=None) -> int:
     p.add_argument("--teacher", type=Path, help="the teacher checkpoint (its rows are left out without it)")
     p.add_argument("--progressive", type=Path)
     p.add_argument("--guided", type=Path)
-    p.add_argument("--reflow", type=Path, help="the reflow student's model.safetensors")
+    p.add_argument("--reflow", type=Path, nargs="*", default=[],
+                   help="reflow students' model.safetensors (e.g. RUN/reflow1/... RUN/reflow2/...)")
     p.add_argument("--cfg", type=float, default=3.0, help="guidance of the teacher and of the students that take it")
     p.add_argument("--captions", type=int, default=128)
     p.add_argument("--out", type=Path, default=Path("/tmp/bench_distill"))
@@ -61,7 +75,7 @@ def main(argv=None) -> int:
         exact, seconds = evaluate(ckpt, out, cfg, args.captions, *overrides)
         rows.setdefault(name, {})[steps] = exact
         cpu[name] = cpu.get(name, 0.0) + seconds
-        print(f"{name:<40} {steps:>2} steps  exact {100 * exact:5.1f}%  ({seconds:.0f} s CPU)", file=sys.stderr)
+        print(f"{name:<40} {steps:>2} steps  exact {cell(exact)}  ({seconds:.0f} s CPU)", file=sys.stderr)
 
     for steps in STEPS if args.teacher else ():
         for sampler in TEACHER_SAMPLERS:
@@ -72,9 +86,9 @@ def main(argv=None) -> int:
         for steps, ckpt in sorted(rounds(run_dir).items()) if run_dir else ():
             if steps in STEPS:
                 run(f"{label} student (native ddim) cfg={cfg:g}", steps, ckpt, cfg)
-    if args.reflow:
+    for ckpt in args.reflow:
         for steps in STEPS:
-            run("reflow student euler cfg=1", steps, args.reflow, 1.0, "sampler=euler", f"steps={steps}")
+            run(f"reflow student ({ckpt.parent.name}) euler cfg=1", steps, ckpt, 1.0, "sampler=euler", f"steps={steps}")
 
     print("| model | " + " | ".join(f"{s} step{'s' * (s > 1)}" for s in STEPS) + " | CPU time (eval) |")
     print("|---|" + "---|" * (len(STEPS) + 1))
@@ -82,13 +96,14 @@ def main(argv=None) -> int:
         cells = []
         for s in STEPS:
             scores = {n.split()[1]: rows[n][s] for n in rows if n.startswith("teacher ") and s in rows[n]}
-            top = max(scores.values())
-            cells.append(f"{100 * top:.1f}% ({', '.join(n for n, v in scores.items() if v == top)})")
+            top = max(mean(v) for v in scores.values())
+            best = [n for n, v in scores.items() if mean(v) == top]
+            cells.append(f"{cell(scores[best[0]])} ({', '.join(best)})")
         print("| teacher, best sampler at each | " + " | ".join(cells) + " | |")
     for name, by_steps in rows.items():
-        cells = [f"{100 * by_steps[s]:.1f}%" if s in by_steps else "-" for s in STEPS]
+        cells = [cell(by_steps[s]) if s in by_steps else "-" for s in STEPS]
         if 30 in by_steps:
-            cells = [f"{100 * by_steps[30]:.1f}% at 30 steps"] + [""] * (len(STEPS) - 1)
+            cells = [f"{cell(by_steps[30])} at 30 steps"] + [""] * (len(STEPS) - 1)
         print(f"| {name} | " + " | ".join(cells) + f" | {cpu[name]:.0f} s |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"rows": rows, "cpu_s": cpu}, indent=1))

@@ -98,6 +98,31 @@ def test_the_guided_students_target_at_w_is_the_guided_teacher(w):
     assert torch.allclose(target, x0_u + w * (x0_c - x0_u), atol=1e-10)
 
 
+def test_the_guided_target_at_a_per_sample_w_is_each_samples_guided_teacher():
+    objective = make_objective("flow", "linear")
+    xt = torch.randn(4, 1, 2, 2, dtype=torch.float64)
+    t = torch.tensor([0.2, 0.5, 0.7, 1.0], dtype=torch.float64)
+    cond, null = {"label": torch.tensor([0, 1, 2, 3])}, {"label": torch.full((4,), -1)}
+    w = guided.draw_w([1.0, 5.0], 4, torch.Generator().manual_seed(0))
+    assert w.shape == (4,) and len(set(w.tolist())) == 4 and ((1 <= w) & (w <= 5)).all()
+    target = guided.guided_target(Conditional(objective), objective, cond, null, w, xt, t)
+    a, s = (bcast(v, xt) for v in objective.schedule.alpha_sigma(t))
+    x0_c, _ = gaussian(xt, a, s, mu=0.5)
+    x0_u, _ = gaussian(xt, a, s, mu=-0.3)
+    assert torch.allclose(target, x0_u + bcast(w.double(), xt) * (x0_c - x0_u), atol=1e-6)
+    for i in range(4):  # row i is the one-scale target at w_i
+        one = guided.guided_target(Conditional(objective), objective, cond, null, float(w[i]), xt, t)
+        assert torch.allclose(target[i], one[i], atol=1e-6)
+
+
+def test_a_guidance_scale_of_another_shape_is_refused():
+    from diffx.errors import DiffxError
+
+    objective = make_objective("flow", "linear")
+    with pytest.raises(DiffxError, match="one scale per sample"):
+        make_denoiser(Conditional(objective), objective, {"label": torch.tensor([0, 1])}, cfg_scale=torch.ones(2, 1))
+
+
 ARCHS = {"unet": (UNet, dict(channels=8, channel_mult=(1, 2), attn_resolutions=())),
          "mmdit": (MMDiT, dict(width=32, depth=1, heads=2, patch_size=2))}
 
@@ -140,6 +165,58 @@ def test_reflow_pairs_are_the_teachers_ode_endpoints_and_resume_by_shard(tmp_pat
     assert all(torch.equal(again[k], pairs[k]) for k in pairs)
 
 
+@pytest.fixture(scope="module")
+def text_teacher(tmp_path_factory):
+    """A random-weight text teacher (tiny encoder, flow) of 8x8 shapes with half the combinations held out."""
+    from conftest import TINY_TRAIN, saved_random_model
+
+    root = tmp_path_factory.mktemp("text_teacher")
+    cfg = compose_config("train", TINY_TRAIN + ["text_encoder=tiny", "text_encoder.width=16", "text_encoder.depth=1",
+                                                "text_encoder.heads=2", "data.n=64", "data.holdout=0.5",
+                                                f"data.cache_dir={root / 'cache'}"])
+    saved_random_model(cfg, DataSpec(3, 8), root / "model.safetensors", step=1)
+    return root / "model.safetensors"
+
+
+def test_reflow_pairs_of_a_text_teacher_are_its_endpoints_for_prompts_of_its_seen_captions(text_teacher, tmp_path):
+    from types import SimpleNamespace
+
+    from diffx import holdout
+    from diffx.distill.loop import Context
+
+    parts, ckpt = checkpoint.load(text_teacher, "cpu")
+    ctx = Context(SimpleNamespace(ckpt=text_teacher), parts, ckpt, tmp_path, SimpleNamespace(device="cpu"), None)
+    captions, data = ctx.captions(), ckpt.parts["data"]
+    plan = plans.make(heun, grids.uniform, 3, parts.objective.schedule)
+    console = Console(quiet=True)
+    pairs = reflow.cache_pairs(tmp_path, parts, plan, 10, 4, 3.0, 100, "cpu", 3, console, captions)
+    assert len(pairs["caption"]) == 10 and len(set(pairs["caption"])) > 3 and set(pairs["caption"]) <= set(captions)
+    held = {holdout.key(a) for a in holdout.held_out(0.5, data["shapes"], data["colors"], data["seed"])}
+    drawn = [holdout.pattern(c, data["shapes"], data["colors"]) for c in pairs["caption"]]
+    assert held and all(len(a) == 4 and holdout.key(a) not in held for a in drawn)  # held-out prompts stay unseen
+    z = generate.start_noise(parts, generate.noise.generators(list(range(100, 110))), "cpu")
+    assert torch.equal(pairs["z"], z)
+    def sample(prompt, z):  # what `diffx sample` draws from that noise and prompt at cfg 3
+        return generate.draw(plan, parts.objective.schedule, generate.denoiser(parts, [prompt], None, 3.0, "cpu"), z)
+
+    for i in (0, 7):  # each pair alone in its batch: its own prompt gives its endpoint, another prompt does not
+        assert torch.allclose(pairs["x0"][i: i + 1], sample(pairs["caption"][i], z[i: i + 1]), atol=1e-5)
+        other = next(c for c in captions if c != pairs["caption"][i])
+        assert not torch.allclose(pairs["x0"][i: i + 1], sample(other, z[i: i + 1]), atol=1e-3)
+    (tmp_path / "shard-00001.safetensors").unlink()  # a run stopped while making shard 1
+    again = reflow.cache_pairs(tmp_path, parts, plan, 10, 4, 3.0, 100, "cpu", 5, console, captions)
+    assert again["caption"] == pairs["caption"] and all(torch.equal(again[k], pairs[k]) for k in ("z", "x0"))
+
+
+def test_a_text_teacher_reflows_through_the_command(text_teacher, tmp_path):
+    from diffx.distill_cmd import distill
+
+    out = distill(_distill_cfg(text_teacher, tmp_path / "r", "method=reflow", "reflow.pairs=8", "reflow.shard=8",
+                               "reflow.teacher_steps=2", "batch_size=8"))
+    assert checkpoint.read_header(out).sampling["method"] == "reflow-1"
+    assert len(reflow.Pairs(reflow._read(tmp_path / "r" / "pairs" / "shard-00000.safetensors"))[3]["caption"]) > 0
+
+
 def _distill_cfg(ckpt, run_dir, *extra):
     return compose_config("distill", [f"ckpt={ckpt}", f"run_dir={run_dir}", "rounds=1", "teacher_steps=4",
                                       "train.steps=4", "train.batch_size=8", "train.log_every=1", "train.save_every=2",
@@ -161,6 +238,26 @@ def test_a_stopped_distill_run_resumes_exactly(tiny_run, tmp_path, method):
     resumed = distill(_distill_cfg(tiny_run / "model.safetensors", tmp_path / "b", f"method={method}"))
     a, b = load_file(str(straight)), load_file(str(resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_raising_train_steps_extends_a_finished_round_exactly_unless_a_later_round_learnt_from_it(tiny_run, tmp_path,
+                                                                                                   capsys):
+    from diffx.distill_cmd import distill
+    from diffx.errors import DiffxError
+
+    ckpt = tiny_run / "model.safetensors"
+    straight = distill(_distill_cfg(ckpt, tmp_path / "a", "method=progressive"))  # 4 steps
+    distill(_distill_cfg(ckpt, tmp_path / "b", "method=progressive", "train.steps=2"))
+    capsys.readouterr()
+    extended = distill(_distill_cfg(ckpt, tmp_path / "b", "method=progressive"))
+    assert "round1: done earlier at step 2; train.steps=4 extends it" in capsys.readouterr().out
+    a, b = load_file(str(straight)), load_file(str(extended))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert '"step": 4' in (tmp_path / "b" / "round1" / "done.json").read_text()
+
+    distill(_distill_cfg(ckpt, tmp_path / "c", "method=progressive", "train.steps=2", "rounds=2"))
+    with pytest.raises(DiffxError, match="round2 was made from it"):
+        distill(_distill_cfg(ckpt, tmp_path / "c", "method=progressive", "train.steps=3", "rounds=2"))
 
 
 @pytest.mark.slow

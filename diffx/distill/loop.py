@@ -4,7 +4,8 @@ all from ``diffx.train``'s pieces (``diffx.ema``, ``diffx.resume``, ``diffx.prog
 
 A round lives in its own folder (``<run>/round1``, ...): ``model.safetensors`` (the EMA student, with its
 native steps and grid), ``state/`` (the resume state) and ``log.jsonl``; ``done.json`` marks it finished,
-so a resumed run skips it and reads its student back.
+so a resumed run skips it and reads its student back, or, when ``train.steps`` is raised above the steps
+it trained, continues it from its last state (unless a later round was already trained from it).
 """
 
 from __future__ import annotations
@@ -49,16 +50,22 @@ class Round:
     spec: DataSpec
     sampling: dict              # native {"steps", "ts", "method"}
     teacher_passes: int         # teacher network passes per image per training step
+    later: tuple[str, ...] = ()  # the folders of the rounds (and pairs) made from this round's student
 
 
 def fit(run_dir: Path, rnd: Round, tc, seed: int, accelerator, console) -> nn.Module:
-    """Train ``rnd.student`` for ``tc.steps`` steps (or resume it, or read it back if done); returns the
-    EMA student in eval mode, the next round's teacher."""
+    """Train ``rnd.student`` for ``tc.steps`` steps (or resume it, or read it back if done, or extend it
+    if done in fewer steps); returns the EMA student in eval mode, the next round's teacher."""
     folder = run_dir / rnd.name
-    if (folder / DONE).is_file():
+    done = json.loads((folder / DONE).read_text())["step"] if (folder / DONE).is_file() else None
+    if done is not None and done >= tc.steps:
         rnd.student.load_state_dict(load_file(str(folder / "model.safetensors")))
-        console.print(f"{rnd.name}: done earlier, read back {folder / 'model.safetensors'}")
+        console.print(f"{rnd.name}: done earlier (step {done}), read back {folder / 'model.safetensors'}")
         return rnd.student.eval().requires_grad_(False)
+    if done is not None:
+        _check_extendable(run_dir, rnd, done, tc.steps)
+        console.print(f"{rnd.name}: done earlier at step {done}; train.steps={tc.steps} extends it from its state")
+        (folder / DONE).unlink()  # from here it is a stopped round: its state and checkpoint are step `done`'s
     device = accelerator.device
     model = rnd.student.to(device).train().requires_grad_(True)
     ema = EMA(model, tc.ema_decay)
@@ -110,6 +117,17 @@ def fit(run_dir: Path, rnd: Round, tc, seed: int, accelerator, console) -> nn.Mo
     return ema.model.eval().requires_grad_(False)
 
 
+def _check_extendable(run_dir: Path, rnd: Round, done: int, steps: int) -> None:
+    """A finished round can train on only if its state is there and no later round learnt from it."""
+    made = [name for name in rnd.later if (run_dir / name).exists()]
+    if made:
+        raise DiffxError(f"{rnd.name} finished at step {done} and {run_dir / made[0]} was made from it; train.steps="
+                         f"{steps} cannot extend {rnd.name} under it: distill into a new run_dir")
+    if not state_exists(run_dir / rnd.name):
+        raise DiffxError(f"{rnd.name} finished at step {done} with no resume state to extend it from "
+                         f"(train.steps={steps}); distill into a new run_dir")
+
+
 @dataclass
 class Context:
     """What every method's ``run`` reads: the config, the teacher's parts and checkpoint, where to write."""
@@ -128,17 +146,25 @@ class Context:
     def data(self):
         """The teacher's training data (its stored ``data`` config), in the model's space: a dataset of
         ``{"x": x0, "label" | "caption": ...}``; the condition source prepared for its captions."""
+        from diffx.latent import encode_once
+
+        dataset, latent = self._dataset(), self.teacher.latent
+        return encode_once(latent, dataset, self.device) if latent.cache else _Encoding(dataset, latent)
+
+    def captions(self) -> list[str]:
+        """The teacher's training captions, one per image (its data config rebuilt, so ``data.holdout``'s
+        combinations are not among them); the condition source prepared for them."""
+        return list(self._dataset().captions)
+
+    def _dataset(self):
         from hydra.utils import instantiate
         from omegaconf import OmegaConf
 
-        from diffx.latent import encode_once
-
         if "data" not in self.ckpt.parts:
             raise DiffxError(f"ckpt={self.cfg.ckpt} records no data config; this method trains on the teacher's data")
-        data = instantiate(OmegaConf.create(self.ckpt.parts["data"]))
-        self.teacher.condition.prepare(data.dataset.captions, self.device)
-        latent = self.teacher.latent
-        return encode_once(latent, data.dataset, self.device) if latent.cache else _Encoding(data.dataset, latent)
+        dataset = instantiate(OmegaConf.create(self.ckpt.parts["data"])).dataset
+        self.teacher.condition.prepare(dataset.captions, self.device)
+        return dataset
 
     def student(self, init: nn.Module, guidance: bool = False) -> tuple[nn.Module, dict]:
         """A student initialised from ``init``'s weights, and its parts config. ``guidance``: it takes the

@@ -127,7 +127,8 @@ def halvings(ctx, teacher, steps_ladder: list[Tensor], cond_of, method: str, gui
 
         student, parts = ctx.student(teacher, guidance=guidance)
         sampling = {"steps": len(student_ts) - 1, "ts": student_ts.tolist(), "method": method}
-        teacher = fit(ctx.run_dir, Round(f"round{r}", student, loss, dataset, parts, ctx.ckpt.spec, sampling, 2),
+        later = tuple(f"round{k}" for k in range(r + 1, len(steps_ladder)))
+        teacher = fit(ctx.run_dir, Round(f"round{r}", student, loss, dataset, parts, ctx.ckpt.spec, sampling, 2, later),
                       cfg.train, cfg.seed + r, ctx.accelerator, ctx.console)
     return ctx.run_dir / f"round{len(steps_ladder) - 1}" / "model.safetensors"
 

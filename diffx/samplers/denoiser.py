@@ -25,7 +25,9 @@ class Denoiser:
     With ``cfg_scale != 1`` the conditional and unconditional passes run as one batched forward, and
     the guided output is ``pred_u + w (pred_c - pred_u)``. The objective's inverse is affine, so this
     is the same guidance on x0_hat and noise_hat for every objective. ``nfe`` counts network calls
-    (a guided call is one call on a doubled batch).
+    (a guided call is one call on a doubled batch). The scale ``w`` is a float, or a (B,) tensor of one
+    scale per sample (guided distillation draws one per training sample, Meng et al. 2023 sec. 4.1);
+    a tensor scale always runs the guided pass.
 
     Two options of the guidance (both off by default, which is plain CFG exactly):
 
@@ -44,13 +46,13 @@ class Denoiser:
     amplified 10^4 times, and no sample of the data lies outside its range.
     """
 
-    def __init__(self, model, objective, cond=None, uncond=None, cfg_scale: float = 1.0, x0_range=None,
+    def __init__(self, model, objective, cond=None, uncond=None, cfg_scale: float | Tensor = 1.0, x0_range=None,
                  rescale: float = 0.0, interval=None):
-        self.model, self.objective, self.cfg_scale = model, objective, float(cfg_scale)
+        self.model, self.objective, self.cfg_scale = model, objective, _check_scale(cfg_scale)
         self.x0_range = x0_range
         self.cond = cond
         self.rescale, self.interval = _check_rescale(rescale), _check_interval(interval)
-        self.guided = cond is not None and self.cfg_scale != 1.0
+        self.guided = cond is not None and (isinstance(self.cfg_scale, Tensor) or self.cfg_scale != 1.0)
         self.both = conditioning.cat(cond, uncond if uncond is not None else conditioning.null_like(cond)) \
             if self.guided else None
         self.nfe = 0
@@ -84,12 +86,26 @@ class Denoiser:
     def _guided(self, x: Tensor, tb: Tensor) -> Tensor:
         """CFG on the network output, one batched forward of both conditions; then the rescale."""
         pred_c, pred_u = self.model(torch.cat([x, x]), torch.cat([tb, tb]), self.both).chunk(2)
-        pred = pred_u + self.cfg_scale * (pred_c - pred_u)
+        w = bcast(self.cfg_scale.to(pred_c.device, pred_c.dtype), pred_c) if isinstance(self.cfg_scale, Tensor) \
+            else self.cfg_scale  # (B, 1, ..., 1) per sample, or one float
+        pred = pred_u + w * (pred_c - pred_u)
         if not self.rescale:
             return pred
         dims = tuple(range(1, pred.ndim))
         factor = pred_c.std(dim=dims, keepdim=True) / pred.std(dim=dims, keepdim=True).clamp_min(1e-12)
         return self.rescale * pred * factor + (1 - self.rescale) * pred
+
+
+def _check_scale(scale) -> float | Tensor:
+    """The guidance scale: one float, or a (B,) tensor of one scale per sample."""
+    if isinstance(scale, Tensor) and scale.ndim == 1:
+        return scale
+    if isinstance(scale, Tensor) and scale.ndim == 0:
+        return float(scale)
+    if isinstance(scale, Tensor):
+        raise DiffxError(f"cfg_scale of shape {tuple(scale.shape)}: expected a number or a (B,) tensor, one scale "
+                         "per sample")
+    return float(scale)
 
 
 def _check_rescale(rescale) -> float:
@@ -111,7 +127,7 @@ def _check_interval(interval) -> tuple[float, float] | None:
     return lo, hi
 
 
-def make_denoiser(model, objective, cond=None, uncond=None, cfg_scale: float = 1.0, x0_range=None,
+def make_denoiser(model, objective, cond=None, uncond=None, cfg_scale: float | Tensor = 1.0, x0_range=None,
                   rescale: float = 0.0, interval=None) -> Denoiser:
     """The only place classifier-free guidance (its rescale and interval too) and x0 clipping live
     (ARCHITECTURE.md section 2)."""
