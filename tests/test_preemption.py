@@ -92,7 +92,9 @@ def test_sigint_in_training_exits_130_after_saving(tmp_path):
 
 
 _SLOW_TASK = """
-import sys, time
+import signal, sys, time
+# As from a terminal: a non-interactive shell's background job (CI run with &) starts with SIGINT ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import diffx.train
 def slow(cfg):
     print("ready", flush=True)
