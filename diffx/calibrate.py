@@ -5,8 +5,9 @@
 
 The model's own high-accuracy ODE endpoints are computed once from ``samples + validation + holdout``
 calibration noises (seeds from ``seed``, by default far from ``diffx sample``'s). Then, per NFE of ``steps``:
-with ``sampler=auto`` every deterministic sampler x grid is scored on the ``validation`` noises (with a named
-sampler, that sampler on ``grid``), the fit (``method=staged|joint|lbfgs``) starts from the best, and the
+with ``sampler=auto`` every deterministic sampler x grid is scored on the ``samples + validation`` noises (with a
+named sampler, that sampler on ``grid``), the fit (``method=staged|joint|lbfgs``) starts from the best
+(``calibration.best``: near the lowest RMS, the one that flips modes least), and the
 fit is kept only if it beats that base on the validation noises (else the base is). The errors of both on the
 ``holdout`` noises, used by neither, are printed and stored in the file. The fit is for this checkpoint, NFE and
 guidance scale (``cfg``, ``label`` / ``prompt``): sampling with another scale works but is not what it was tuned for.

@@ -37,7 +37,7 @@ import torch
 from scipy.integrate import solve_ivp
 
 from diffx import grids, samplers, schedules
-from diffx.samplers import calibration
+from diffx.samplers import auto, calibration, learned
 from diffx.objectives import DDPM, Flow
 from diffx.time_sampling import uniform as uniform_t
 
@@ -132,6 +132,10 @@ def run_diffx(case, gmm, z, budget):
                 if denoise.nfe <= budget:
                     out[f"diffx {sname} [{gname}]"] = (x, denoise.nfe, None)
                     break
+    sampler, grid = auto.choose(case.objective.schedule, budget)  # the defaults: sampler=auto grid=auto
+    denoise = samplers.make_denoiser(_ExactNet(gmm, case.objective), case.objective)
+    x = sampler(denoise, case.objective.schedule, z.clone(), grid(budget, case.objective.schedule))
+    out["diffx auto"] = (x, denoise.nfe, None)
     return out
 
 
@@ -140,21 +144,22 @@ _FITS: dict = {}
 
 def run_learned(case, gmm, z, budget, args):
     """``diffx calibrate``'s fit on this model (``diffx.samplers.calibration.calibrate``): every deterministic
-    sampler x grid scored on validation noises, the fit started from the best, the better of the two kept;
-    one row per ``--calib-methods``. Calibration, validation and holdout noises come from other seeds than
-    ``z``, the reference is the model's own UniPC-3 solve (``learned.reference``), never the DOP853 one, and
-    it is solved once per case for every budget and method."""
+    sampler x grid scored on the calibration and validation noises, the fit started from ``calibration.best``,
+    the better of the two on the validation noises kept; one row per ``--calib-methods``. Calibration,
+    validation and holdout noises come from other seeds than ``z``, the reference is the model's own UniPC-3
+    solve (``learned.reference``), never the DOP853 one, and it is solved once per case for every budget and
+    method."""
     den = samplers.make_denoiser(_ExactNet(gmm, case.objective), case.objective)
     key = (case.name, id(gmm))
     if key not in _FITS:
-        n_val = max(256, args.calib_samples // 8)
+        n_val = args.calib_validation or max(256, args.calib_samples // 8)
         pool = torch.randn(args.calib_samples + 2 * n_val, z.shape[1],
                            generator=torch.Generator().manual_seed(args.seed + 1000), dtype=z.dtype)
         target = calibration.references(lambda idx: den, case.objective.schedule, pool, 200, args.calib_batch)
         _FITS[key] = {m: calibration.calibrate(den, case.objective.schedule, steps=args.learned_nfe, noise=pool,
                                                target=target, samples=args.calib_samples, validation=n_val,
                                                holdout=n_val, method=m, iters=args.calib_iters, batch=args.calib_batch,
-                                               seed=args.seed)
+                                               lr=args.calib_lr, t_lr=args.calib_t_lr, seed=args.seed)
                       for m in args.calib_methods}
     out = {}
     for method, found in _FITS[key].items():
@@ -335,9 +340,8 @@ def measure_defaults(args):
     """Every deterministic diffx sampler x grid at each NFE, on ``--seeds`` mixtures (new means, weights and
     noises each): the geometric mean over them of the RMS, and of the mean and median per-sample RMS
     endpoint error, and what ``sampler=auto`` picks (``diffx.samplers.auto``) against the best pair.
-    ``auto``'s table is read off this output by ``RULE``."""
-    from diffx.samplers import auto
-
+    ``auto``'s table is read off this output: among the pairs within ``calibration.NEAR`` x the lowest RMS, the
+    lowest per-sample mean."""
     for cname in args.cases:
         case, scores = CASES[cname], {}
         for seed in args.seeds:
@@ -346,11 +350,8 @@ def measure_defaults(args):
             a0, s0 = case.objective.schedule.table(torch.ones(1))[0]
             ref = reference(gmm, z / math.hypot(a0, s0), math.atan2(s0, a0))
             for budget in args.nfe:
-                runs = {k: v for k, v in run_diffx(case, gmm, z, budget).items() if "*" not in k}
-                sampler, grid = auto.choose(case.objective.schedule, budget)
-                den = samplers.make_denoiser(_ExactNet(gmm, case.objective), case.objective)
-                x = sampler(den, case.objective.schedule, z.clone(), grid(budget, case.objective.schedule))
-                runs["auto"] = (x, den.nfe, None)
+                runs = {k.replace("diffx auto", "auto"): v for k, v in run_diffx(case, gmm, z, budget).items()
+                        if "*" not in k}
                 for name, (x, nfe, _) in runs.items():
                     per_sample = (x.double() - ref).norm(dim=1) / math.sqrt(args.dim)
                     metrics = (per_sample.pow(2).mean().sqrt(), per_sample.mean(), per_sample.median())
@@ -366,7 +367,8 @@ def measure_defaults(args):
         for b in args.nfe:
             pairs = [r for r in gm if r != "auto" and b in gm[r]]
             best = min(pairs, key=lambda r: gm[r][b][0])
-            rule = min((r for r in pairs if gm[r][b][0] <= RULE * gm[best][b][0]), key=lambda r: gm[r][b][1])
+            near = [r for r in pairs if gm[r][b][0] <= calibration.NEAR * gm[best][b][0]]
+            rule = min(near, key=lambda r: gm[r][b][1])
             mean_best = min(gm[r][b][1] for r in pairs)
             print(f"- NFE {b}: lowest RMS {best} {gm[best][b][0]:.2e}; the rule's pick {rule} "
                   f"{gm[rule][b][0]:.2e} / {gm[rule][b][1]:.2e}; auto = {auto.describe(case.objective.schedule, b)} "
@@ -374,7 +376,22 @@ def measure_defaults(args):
                   "lowest per-sample mean")
 
 
-RULE = 1.25  # sampler=auto's rule: among pairs within this factor of the lowest RMS, the lowest per-sample mean
+# ----------------------------------------------------------------------------- the reference's accuracy
+def check_reference(args):
+    """``learned.reference`` (what calibration fits to) against DOP853 on the same noises, per sample:
+    RMS, max, and how many end more than 0.1 apart (a mode flip) at 100 / 200 / 400 steps."""
+    gmm = GaussianMixture(args.dim, args.components, args.std, args.seed)
+    z = torch.randn(args.n, args.dim, generator=torch.Generator().manual_seed(args.seed + 1), dtype=torch.float64)
+    print(f"| case | steps | RMS | max per-sample | flips (> 0.1) |\n|---|---|---|---|---|")
+    for cname in args.cases:
+        case = CASES[cname]
+        a0, s0 = case.objective.schedule.table(torch.ones(1))[0]
+        ref = reference(gmm, z / math.hypot(a0, s0), math.atan2(s0, a0))
+        den = samplers.make_denoiser(_ExactNet(gmm, case.objective), case.objective)
+        for steps in (100, 200, 400):
+            err = (learned.reference(den, case.objective.schedule, z.clone(), steps) - ref).pow(2).mean(1).sqrt()
+            rms, flips = err.pow(2).mean().sqrt(), (err > 0.1).sum().item()
+            print(f"| {cname} | {steps} | {rms:.1e} | {err.max():.1e} | {flips} |", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -391,7 +408,11 @@ def main(argv=None):
     p.add_argument("--learned-nfe", nargs="*", type=int, default=[5, 10, 20],
                    help="budgets at which to also fit diffx's learned solver (diffx calibrate); none to skip")
     p.add_argument("--calib-samples", type=int, default=65536, help="calibration noises for the learned solver")
+    p.add_argument("--calib-validation", type=int, default=0,
+                   help="validation (and holdout) noises of the fit; default calib-samples / 8, at least 256")
     p.add_argument("--calib-iters", type=int, default=1500)
+    p.add_argument("--calib-lr", type=float, default=1e-3, help="learned.fit's lr (coefficients)")
+    p.add_argument("--calib-t-lr", type=float, default=1e-2, help="learned.fit's t_lr (call times)")
     p.add_argument("--calib-batch", type=int, default=4096)
     p.add_argument("--calib-methods", nargs="+", default=["joint"], choices=["staged", "joint", "lbfgs"],
                    help="learned.fit methods to compare, one row each")
@@ -399,18 +420,22 @@ def main(argv=None):
     p.add_argument("--defaults", action="store_true",
                    help="only the deterministic diffx samplers x grids over --seeds mixtures: sampler=auto's table")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="mixtures for --defaults")
+    p.add_argument("--check-reference", action="store_true",
+                   help="only the calibration's reference solve (learned.reference) against DOP853, per sample")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # diffusers' deprecation notes
     torch.set_num_threads(1)  # tiny tensors: threads only add contention
     torch.set_flush_denormal(True)  # exp(-large) in the mixture posterior would crawl through subnormals
     if args.defaults:
         return measure_defaults(args)
+    if args.check_reference:
+        return check_reference(args)
     K = load_k_sampling()
     gmm = GaussianMixture(args.dim, args.components, args.std, args.seed)
     z = torch.randn(args.n, args.dim, generator=torch.Generator().manual_seed(args.seed + 1), dtype=torch.float64)
     print(f"# Endpoint error vs NFE: {args.dim}-D mixture of {args.components} Gaussians (std {args.std}), "
           f"{args.n} samples\n\n`python scripts/bench_samplers.py {' '.join(sys.argv[1:] if argv is None else argv)}`")
-    summary, failures = [], {}
+    summary, failures, goals = [], {}, []
     for cname in args.cases:
         case, t0, refs, rows = CASES[cname], time.time(), {}, {}
         for budget in args.nfe:
@@ -428,16 +453,41 @@ def main(argv=None):
                     refs[round(phi0, 12)] = reference(gmm, z / math.hypot(a0, s0), phi0)
                 per_sample = (x.double() - refs[round(phi0, 12)]).norm(dim=1)
                 rms = per_sample.pow(2).mean().div(args.dim).sqrt().item()
-                rows.setdefault(name, {})[budget] = (rms, nfe, per_sample.median().item())
+                flips = int((per_sample > 0.1 * math.sqrt(args.dim)).sum())  # per-sample RMS > 0.1: another mode
+                rows.setdefault(name, {})[budget] = (rms, nfe, per_sample.median().item(), flips)
         _print_case(cname, rows, args.nfe, time.time() - t0, summary, args.all)
+        goals.extend(_goal_rows(cname, rows, args.nfe))
     key = 10 if 10 in args.nfe else args.nfe[0]
     print(f"\n## Summary at {key} NFE (deterministic samplers; ratio < 1: diffx is more accurate)\n")
     print("| case | best diffx | best diffusers / k-diffusion | RMS ratio | without fitting: best diffx, ratio | "
           "median ratio |\n|---|---|---|---|---|---|")
     print("\n".join(summary))
+    print("\n## The issue's goals per NFE (RMS; flips: samples ending more than 0.1 RMS off, another mode)\n")
+    print("| case | NFE | defaults (auto) | best untuned diffx | fitted | best peer | auto / untuned | fitted / peer |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(goals))
     if failures:
         print("\nSchedulers that raised (skipped), with the NFE budgets:\n")
         print("\n".join(f"- {f} (NFE {', '.join(map(str, b))})" for f, b in sorted(failures.items())))
+
+
+def _goal_rows(cname, rows, budgets):
+    """Per NFE: the defaults, the best untuned diffx pair, the fitted solver and the best deterministic
+    diffusers / k-diffusion sampler, with their flip counts; the ratios the issue sets goals for."""
+    out = []
+    for b in budgets:
+        have = {r: v[b] for r, v in rows.items() if b in v and "*" not in r}
+
+        def pick(keep):
+            return min((r for r in have if keep(r)), key=lambda r: _nan_last(have[r][0]), default=None)
+
+        untuned = pick(lambda r: r.startswith("diffx") and "learned" not in r and r != "diffx auto")
+        fitted, peer = pick(lambda r: "learned" in r), pick(lambda r: not r.startswith("diffx"))
+        cell = lambda r: "-" if r is None else f"{have[r][0]:.2e} ({have[r][3]})"  # noqa: E731
+        ratio = lambda a, c: "-" if a is None or c is None else f"**{have[a][0] / have[c][0]:.2f}**"  # noqa: E731
+        out.append(f"| {cname} | {b} | {cell('diffx auto')} | {untuned.removeprefix('diffx ')} {cell(untuned)} | "
+                   f"{cell(fitted)} | {peer or ''} {cell(peer)} | {ratio('diffx auto', untuned)} | {ratio(fitted, peer)} |")
+    return out
 
 
 def _nan_last(err: float) -> float:

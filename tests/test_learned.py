@@ -85,6 +85,46 @@ def test_reference_matches_the_closed_form_ode_endpoint():
     assert (got - (0.5 + 0.3 * z)).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_reference_reaches_the_ode_endpoint_below_the_smallest_trained_noise(schedule):
+    """Narrow Gaussian data (s = 0.02) on DDPM, whose smallest trained noise level is sigma/alpha ~ 0.01: the
+    reference is the ODE endpoint at t = 0 (closed form, GaussianModel.ode_solution), not x0_hat at that level,
+    which misses it by ~4e-3 here (the floor the reference used to have)."""
+    from analytic import GaussianModel
+
+    obj = make_objective("ddpm", schedule)
+    model = GaussianModel(obj, mu=0.5, s=0.02).double()
+    z = _pool(64, 4)
+    got = learned.reference(samplers.make_denoiser(model, obj), obj.schedule, z, steps=200)
+    expect = model.ode_solution(z)
+    t_min = torch.tensor([obj.schedule.t_min], dtype=torch.float64)
+    stop_early = model.posterior_at(model.ode_solution(z, t_end=float(t_min)), t_min)[0]
+    assert (stop_early - expect).abs().max() > 1e-3  # the old floor is visible at this tolerance
+    assert (got - expect).abs().max() < 1e-5
+
+
+def test_reference_matches_a_dop853_solve_on_a_mixture():
+    """Two-point mixture on DDPM-linear: the reference against scipy's DOP853 (rtol 1e-10) on the
+    probability-flow ODE in the VP angle phi = atan(sigma / alpha), integrated to phi = 1e-9 (as in
+    scripts/bench_samplers.py)."""
+    from scipy.integrate import solve_ivp
+    from analytic import two_point_mixture
+
+    obj = make_objective("ddpm", "linear")
+    z = _pool(32, 5, dim=3)
+    got = learned.reference(_denoiser(obj, two_point_mixture, c=0.05), obj.schedule, z, steps=200)
+    (a1, s1), = obj.schedule.table(torch.ones(1))
+
+    def f(phi, y):  # dx/dphi = -sin(phi) x0_hat + cos(phi) noise_hat on the VP path alpha = cos, sigma = sin
+        x0, noise = two_point_mixture(torch.from_numpy(y), math.cos(phi), math.sin(phi), c=0.05)
+        return (-math.sin(phi) * x0 + math.cos(phi) * noise).numpy()
+
+    sol = solve_ivp(f, (math.atan2(s1, a1), 1e-9), (z / math.hypot(a1, s1)).numpy().ravel(), method="DOP853",
+                    rtol=1e-10, atol=1e-12)
+    err = got - torch.from_numpy(sol.y[:, -1]).view(z.shape)
+    assert err.pow(2).mean().sqrt() < 1e-4 and err.abs().max() < 1e-3  # stopping at sigma_min: 8.8e-4 / 2.5e-3
+
+
 def test_save_and_load_round_trip(tmp_path):
     obj = make_objective("ddpm", "linear")
     solver = learned.trace(samplers.dpmpp_3m, obj.schedule, grids.logsnr(6, obj.schedule))
@@ -124,6 +164,25 @@ def test_bad_solver_files_fail_in_one_line(case, tmp_path):
     with pytest.raises(DiffxError, match="sampler.path=") as e:
         learned.load(path)
     assert "\n" not in str(e.value) and not (tmp_path / "pwned").exists()
+
+
+def test_a_fit_with_validation_returns_its_best_checked_solver(monkeypatch):
+    """Early stopping: every check scores the current solver on the validation noises, and the result is the
+    one scored best (or the base). At a high rate the last iterate is worse than the best one."""
+    obj = make_objective("ddpm", "linear")
+    den = _denoiser(obj, two_point_mixture, m=0.6, c=0.05)
+    base = learned.trace(samplers.unipc, obj.schedule, grids.uniform(4, obj.schedule))
+    fit_z, val_z = _pool(128, 1), _pool(128, 2)
+    fit_ref, val_ref = (learned.reference(den, obj.schedule, z, steps=50) for z in (fit_z, val_z))
+    val = (lambda idx: den, val_z, val_ref)
+    scored, rms = [], learned.rms
+    monkeypatch.setattr(learned, "rms", lambda *a, **k: scored.append(rms(*a, **k)) or scored[-1])
+    options = dict(iters=40, lr=1e-1, t_lr=3e-1, batch=32, check_every=4)
+    got = learned.fit(lambda idx: den, base, fit_z, fit_ref, val=val, **options)
+    last = learned.fit(lambda idx: den, base, fit_z, fit_ref, **options)  # the same run, no validation
+    assert len(scored) == 1 + 10  # the base, then one per check
+    assert rms(*val[:1], got, *val[1:]) == pytest.approx(min(scored))
+    assert rms(*val[:1], last, *val[1:]) > min(scored)
 
 
 def test_a_fit_that_goes_astray_falls_back_to_its_base():

@@ -28,7 +28,7 @@ GRIDS = {"uniform": grids.uniform, "karras": grids.karras, "logsnr": grids.logsn
 # --dim 64 --nfe 5 10 15 20 30 --n 1024 --seeds 0 1 2 --cases ...` (three 64-D mixtures, README "Samplers"; the
 # DDPM rows' first end from a run that also had --nfe 7, where uniform still won): at each
 # NFE, among the pairs within 1.25x of the lowest geometric-mean RMS, the one with the lowest mean
-# per-sample error (`RULE` there), merged into ranges: each row holds up to its NFE.
+# per-sample error (`calibration.NEAR`), merged into ranges: each row holds up to its NFE.
 TABLE: dict[str, list[tuple[float, str, dict, str]]] = {
     "ddpm-linear": [(7, "unipc", {"order": 3}, "uniform"), (15, "unipc", {"order": 3}, "logsnr"),
                     (math.inf, "ipndm", {}, "logsnr")],
