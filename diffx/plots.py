@@ -48,15 +48,17 @@ def loss_series(rows: list[dict], key: str = "loss") -> list[tuple[float, float]
             if key in r and "step" in r and isinstance(r[key], (int, float)) and math.isfinite(r[key])]
 
 
-def save_curves(path: Path, series: dict[str, list[tuple[float, float]]], title: str, ylabel: str = "loss") -> None:
+def save_curves(path: Path, series: dict[str, list[tuple[float, float]]], title: str, ylabel: str = "loss",
+                xlabel: str = "step", log_y: bool | None = None) -> None:
     """Write ``curves(...)`` as a PNG, atomically."""
-    image = curves(series, title, ylabel)
+    image = curves(series, title, ylabel, xlabel=xlabel, log_y=log_y)
     atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG"))
 
 
 def curves(series: dict[str, list[tuple[float, float]]], title: str, ylabel: str = "loss",
-           size: tuple[int, int] = (720, 420)) -> Image.Image:
-    """One line per named series of (x, y) points on shared axes; a legend when there is more than one."""
+           size: tuple[int, int] = (720, 420), xlabel: str = "step", log_y: bool | None = None) -> Image.Image:
+    """One line per named series of (x, y) points on shared axes; a legend when there is more than one.
+    ``log_y``: None chooses a log y axis when the values span more than a decade."""
     font = ImageFont.load_default(size=12)
     points = [p for s in series.values() for p in s]
     legend = len(series) > 1
@@ -70,7 +72,7 @@ def curves(series: dict[str, list[tuple[float, float]]], title: str, ylabel: str
         return image
 
     xs, ys = np.array([p[0] for p in points]), np.array([p[1] for p in points])
-    log_y = bool(ys.min() > 0 and ys.max() / ys.min() > 10)
+    log_y = bool(ys.min() > 0 and ys.max() / ys.min() > 10) if log_y is None else log_y and bool(ys.min() > 0)
     fy = np.log10 if log_y else (lambda v: np.asarray(v, dtype=float))
     x_lo, x_hi = _padded(xs.min(), xs.max())
     y_lo, y_hi = _padded(float(fy(ys.min())), float(fy(ys.max())))
@@ -92,7 +94,7 @@ def curves(series: dict[str, list[tuple[float, float]]], title: str, ylabel: str
         label = _fmt(y)
         draw.text((left - 6 - draw.textlength(label, font=font), py - 7), label, fill="black", font=font)
     draw.rectangle([left, top, right, bottom], outline="black")
-    _centred(draw, ((left + right) / 2, height - 20), "step", font)
+    _centred(draw, ((left + right) / 2, height - 20), xlabel, font)
     draw.text((6, top - 16), ylabel + (" (log scale)" if log_y else ""), fill="black", font=font)
 
     # the lines, then the legend

@@ -3,9 +3,12 @@
 Every run folder below ``dir`` (one with a ``log.jsonl``: the jobs of ``diffx train -m`` under any
 launcher or sweeper, or separate runs) is one row: the overrides that set it apart from the other rows
 (those common to all are printed once above the table), its steps, its last logged training loss, its
-EMA model's loss on the fixed probe batch (``metrics.json``, diffx.monitor), the exact-match scores of
-``diffx eval`` when an ``eval.json`` lies beside it, and its training time. Written as a rich table,
-``report.csv`` (every override and every score) and ``report.png`` (the loss curves of all rows).
+EMA model's loss on the fixed probe batch (``metrics.json``, diffx.monitor), the scores of ``diffx eval``
+when an ``eval.json`` lies beside it (exact match; FID, KID, class accuracy, FD in the classifier's
+space, each guidance scale with its sample count: FID at small N is biased, compare only at equal N),
+the last ``train.eval_every`` scores of its log, and its training time. Written as a rich table,
+``report.csv`` (every override and every score), ``report.png`` (the loss curves of all rows) and, when
+runs evaluated during training, ``report_<metric>.png`` (that metric over the steps, one line per run).
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from diffx.atomic import atomic_write
 from diffx.errors import DiffxError
 
 NUMBERS = ("steps", "final_loss", "probe_loss")  # the columns every row has, after the overrides
+# diffx eval's sample-quality numbers (eval.json "quality", one row per guidance scale; diffx.metrics.suite),
+# also logged as eval/<name> by train.eval_every; each comes with its sample count n.
+QUALITY = ("fid", "kid", "class_accuracy", "fd_classifier")
 
 
 def report(cfg: DictConfig) -> list[dict]:
@@ -50,10 +56,17 @@ def report(cfg: DictConfig) -> list[dict]:
     atomic_write(out / "report.csv", lambda tmp: Path(tmp).write_text(_csv(rows)))
     curves = {_label(job, varying): plots.loss_series(job["log"]) for job in jobs}
     plots.save_curves(out / "report.png", curves, f"training loss, {len(jobs)} runs under {root.name}")
+    written = [out / "report.png"]
+    for name in QUALITY:  # train.eval_every: each metric's curve, where any run logged it
+        series = {_label(job, varying): plots.loss_series(job["log"], f"eval/{name}") for job in jobs}
+        if any(series.values()):
+            written.append(out / f"report_{name}.png")
+            plots.save_curves(written[-1], series, f"{name} during training, {len(jobs)} runs under {root.name}",
+                              ylabel=name, log_y=False)
     console = Console()
     if common:
         console.print("common to all: " + " ".join(f"{k}={v}" for k, v in common.items()))
-    console.print(_table(rows, varying, root), f"\nwrote {out / 'report.csv'} and {out / 'report.png'}")
+    console.print(_table(rows, varying, root), f"\nwrote {out / 'report.csv'}, " + ", ".join(str(p) for p in written))
     return rows
 
 
@@ -90,10 +103,17 @@ def _row(job: dict, varying: list[str]) -> dict:
            "steps": metrics.get("step", last.get("step")),
            "final_loss": metrics.get("final_loss", last.get("loss")),
            "probe_loss": metrics.get("probe_loss")}
-    for result in job["eval"].get("results", []):  # diffx eval: one result per guidance scale
-        scale = f"cfg{result['cfg']:g}"
+    for result in job["eval"].get("results", []):  # diffx eval: one result per split and guidance scale
+        split = result.get("split", "all")  # a hold-out run's heldout and seen rows each get their columns
+        scale = f"cfg{result['cfg']:g}" if split == "all" else f"{split}-cfg{result['cfg']:g}"
         row[f"exact@{scale}"] = result.get("exact")
         row.update({f"{a}@{scale}": v for a, v in result.get("accuracy", {}).items()})
+    for result in job["eval"].get("quality", []):  # diffx eval metrics=[fid,kid,...]: one per guidance scale
+        row.update(_quality(result, f"@cfg{result['cfg']:g}"))
+    evals = [r for r in log if any(f"eval/{name}" in r for name in QUALITY)]
+    if evals:  # train.eval_every: its last scores, at their step
+        row.update({"eval_step": evals[-1]["step"], **_quality({k[5:]: v for k, v in evals[-1].items()
+                                                                 if k.startswith("eval/")}, "@train")})
     seconds = metrics.get("seconds")
     if seconds is None and len(log) > 1:  # a run without metrics.json: from its log's clock
         seconds = log[-1]["time"] - log[0]["time"]
@@ -102,21 +122,55 @@ def _row(job: dict, varying: list[str]) -> dict:
     return row
 
 
+def _quality(result: dict, suffix: str) -> dict:
+    """One quality row's numbers as columns ``<name><suffix>``, with its sample and reference counts."""
+    columns = {f"{k}{suffix}": result[k] for k in (*QUALITY, "kid_std") if k in result}
+    if columns:
+        columns.update({f"{k}{suffix}": result.get(k) for k in ("n", "reference_n")})
+    return columns
+
+
+# Table cells of the score columns: (column prefix, header, cell from the row and the column's suffix).
+_SCORES = (
+    ("exact", "exact", lambda r, s: _fmt(r.get(f"exact{s}"), "{:.1%}")),
+    ("n", "samples", lambda r, s: _fmt(r.get(f"n{s}"), "{}")),
+    ("fid", "FID", lambda r, s: _fmt(r.get(f"fid{s}"), "{:.2f}")),
+    ("kid", "KID x 1e3", lambda r, s: "-" if r.get(f"kid{s}") is None else
+     f"{1e3 * r[f'kid{s}']:.2f} +- {1e3 * (r.get(f'kid_std{s}') or 0):.2f}"),
+    ("class_accuracy", "class acc.", lambda r, s: _fmt(r.get(f"class_accuracy{s}"), "{:.1%}")),
+    ("fd_classifier", "FD (classifier)", lambda r, s: _fmt(r.get(f"fd_classifier{s}"), "{:.3f}")),
+)
+
+
+def _score_columns(rows: list[dict]) -> list[tuple[str, callable]]:
+    """The score columns some row has, by guidance scale (then train.eval_every's), as (header, cell)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r if "@" in k and r[k] is not None))
+    suffixes = list(dict.fromkeys("@" + k.split("@", 1)[1] for k in keys))
+    return [(f"{header}{suffix}" + (f" (step {_last_eval(rows)})" if suffix == "@train" and prefix == "n" else ""),
+             lambda r, cell=cell, suffix=suffix: cell(r, suffix))
+            for suffix in suffixes for prefix, header, cell in _SCORES if f"{prefix}{suffix}" in keys]
+
+
+def _last_eval(rows: list[dict]) -> str:
+    steps = {r.get("eval_step") for r in rows if r.get("eval_step") is not None}
+    return str(steps.pop()) if len(steps) == 1 else "last"
+
+
 def _table(rows: list[dict], varying: list[str], root: Path) -> Table:
-    """Overrides, steps, losses, exact-match scores, time; the lowest probe loss in bold."""
-    scores = list(dict.fromkeys(k for r in rows for k in r if k.startswith("exact@")))
+    """Overrides, steps, losses, eval scores with their sample counts, time; the lowest probe loss in bold."""
+    scores = _score_columns(rows)
     probes = [r["probe_loss"] for r in rows if r["probe_loss"] is not None]
     table = Table(title=f"{len(rows)} runs under {root}")
     table.add_column("job")
     for key in varying:
         table.add_column(key)
-    for name in ("steps", "final loss", "probe loss", *scores, "time"):
+    for name in ("steps", "final loss", "probe loss", *(header for header, _ in scores), "time"):
         table.add_column(name, justify="right")
     for r in rows:
         best = bool(probes) and r["probe_loss"] == min(probes)
         table.add_row(r["job"], *(str(r[k]) if r[k] is not None else "-" for k in varying),
                       _fmt(r["steps"], "{}"), _fmt(r["final_loss"], "{:.4f}"), _fmt(r["probe_loss"], "{:.4f}"),
-                      *(_fmt(r.get(k), "{:.1%}") for k in scores), _duration(r["seconds"]),
+                      *(cell(r) for _, cell in scores), _duration(r["seconds"]),
                       style="bold" if best and len(rows) > 1 else None)
     return table
 
