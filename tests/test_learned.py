@@ -166,15 +166,21 @@ def test_bad_solver_files_fail_in_one_line(case, tmp_path):
     assert "\n" not in str(e.value) and not (tmp_path / "pwned").exists()
 
 
-def test_a_fit_with_validation_returns_its_best_checked_solver(monkeypatch):
-    """Early stopping: every check scores the current solver on the validation noises, and the result is the
-    one scored best (or the base). At a high rate the last iterate is worse than the best one."""
-    obj = make_objective("ddpm", "linear")
-    den = _denoiser(obj, two_point_mixture, m=0.6, c=0.05)
+def _fit_problem(kind: str, c: float):
+    """A two-point mixture (linear schedule) with its exact denoiser, UniPC's 4-step solver as the base,
+    and 128 fit and 128 validation noises with their reference endpoints: (den, base, z, ref, val)."""
+    obj = make_objective(kind, "linear")
+    den = _denoiser(obj, two_point_mixture, m=0.6, c=c)
     base = learned.trace(samplers.unipc, obj.schedule, grids.uniform(4, obj.schedule))
     fit_z, val_z = _pool(128, 1), _pool(128, 2)
     fit_ref, val_ref = (learned.reference(den, obj.schedule, z, steps=50) for z in (fit_z, val_z))
-    val = (lambda idx: den, val_z, val_ref)
+    return den, base, fit_z, fit_ref, (lambda idx: den, val_z, val_ref)
+
+
+def test_a_fit_with_validation_returns_its_best_checked_solver(monkeypatch):
+    """Early stopping: every check scores the current solver on the validation noises, and the result is the
+    one scored best (or the base). At a high rate the last iterate is worse than the best one."""
+    den, base, fit_z, fit_ref, val = _fit_problem("ddpm", c=0.05)
     scored, rms = [], learned.rms
     monkeypatch.setattr(learned, "rms", lambda *a, **k: scored.append(rms(*a, **k)) or scored[-1])
     options = dict(iters=40, lr=1e-1, t_lr=3e-1, batch=32, check_every=4)
@@ -189,12 +195,7 @@ def test_a_fit_that_goes_astray_falls_back_to_its_base():
     """With validation noises, fit keeps its result only if it beats the solver it started from there:
     a fit to the right endpoints is kept, a fit pulled towards wrong ones (here reflected about 1) is
     replaced by the base itself."""
-    obj = make_objective("flow", "linear")
-    den = _denoiser(obj, two_point_mixture, m=0.6, c=0.1)
-    base = learned.trace(samplers.unipc, obj.schedule, grids.uniform(4, obj.schedule))
-    fit_z, val_z = _pool(128, 1), _pool(128, 2)
-    fit_ref, val_ref = (learned.reference(den, obj.schedule, z, steps=50) for z in (fit_z, val_z))
-    val = (lambda idx: den, val_z, val_ref)
+    den, base, fit_z, fit_ref, val = _fit_problem("flow", c=0.1)
     base_err = learned.rms(*val[:1], base, *val[1:])
     good = learned.fit(lambda idx: den, base, fit_z, fit_ref, iters=30, lr=3e-3, batch=64, val=val)
     assert good is not base and learned.rms(*val[:1], good, *val[1:]) < base_err
