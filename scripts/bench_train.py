@@ -78,6 +78,12 @@ def mmdit_pair(size: int, width: int, smoke: bool):
 PAIRS = {"unet": (unet_pair, 32, 64), "mmdit": (mmdit_pair, 32, 384)}  # name -> (builder, image side, width)
 
 
+def _pair(name: str, args):
+    """The named pair at its benchmark size, diffx's UNet in the layout ``--diffx-nchw`` asks for."""
+    build, size, width = PAIRS[name]
+    return build(size, width, args.smoke, **({"channels_last": not args.diffx_nchw} if name == "unet" else {}))
+
+
 def _step_fn(model, forward, x, train: bool):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True) if train else None
     target = torch.randn_like(x)
@@ -118,8 +124,8 @@ def matmul_peak(device, dtype, n: int = 1024, reps: int = 10) -> float:
 
 
 def compare(name: str, args, device, autocast) -> None:
-    build, size, width = PAIRS[name]
-    ours, theirs, inputs = build(size, width, args.smoke, **({"channels_last": not args.diffx_nchw} if name == "unet" else {}))
+    size = PAIRS[name][1]
+    ours, theirs, inputs = _pair(name, args)
     if args.diffusers_nhwc:
         theirs = theirs.to(memory_format=torch.channels_last)
     ours, theirs = ours.to(device).train(), theirs.to(device).train()
@@ -150,8 +156,7 @@ def profile(name: str, args, device, autocast, top: int = 20) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    build, size, width = PAIRS[name]
-    ours, theirs, inputs = build(size, width, args.smoke, **({"channels_last": not args.diffx_nchw} if name == "unet" else {}))
+    ours, theirs, inputs = _pair(name, args)
     x, f_ours, f_theirs = inputs(args.batch, device)
     steps = [_step_fn(m.to(device).train(), f, x, True) for m, f in ((ours, f_ours), (theirs, f_theirs))]
     per_op = [{}, {}]
