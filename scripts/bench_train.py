@@ -52,15 +52,16 @@ def unet_pair(size: int, width: int, smoke: bool, channels_last: bool = True):
     return ours, theirs, inputs
 
 
-def mmdit_pair(size: int, width: int, smoke: bool):
+def mmdit_pair(size: int, width: int, smoke: bool, gelu_approximate: str = "none"):
     """diffx's MMDiT (text tokens) vs SD3Transformer2DModel: 4-channel latents, patch 2, ``width`` with
-    heads of 64, depth 6, 16 text tokens of width 256, a pooled vector of 256."""
+    heads of 64, depth 6, 16 text tokens of width 256, a pooled vector of 256. diffx's MMDiT as its config
+    builds it (exact GELU, ``model.gelu_approximate=none``); ``--diffx-gelu-tanh`` gives it SD3's."""
     from diffusers import SD3Transformer2DModel
 
     w, depth, heads = (64, 1, 1) if smoke else (width, 6, width // 64)
     text, pooled, tokens = 256, 256, 16
     ours = MMDiT(in_channels=4, image_size=size, text_dim=text, pooled_dim=pooled, width=w, depth=depth, heads=heads,
-                 patch_size=2)
+                 patch_size=2, gelu_approximate=gelu_approximate)
     theirs = SD3Transformer2DModel(sample_size=size, patch_size=2, in_channels=4, out_channels=4, num_layers=depth,
                                    attention_head_dim=w // heads, num_attention_heads=heads, joint_attention_dim=text,
                                    caption_projection_dim=w, pooled_projection_dim=pooled, pos_embed_max_size=size // 2,
@@ -79,9 +80,12 @@ PAIRS = {"unet": (unet_pair, 32, 64), "mmdit": (mmdit_pair, 32, 384)}  # name ->
 
 
 def _pair(name: str, args):
-    """The named pair at its benchmark size, diffx's UNet in the layout ``--diffx-nchw`` asks for."""
+    """The named pair at its benchmark size, diffx's UNet in the layout ``--diffx-nchw`` asks for, its MMDiT
+    with the GELU ``--diffx-gelu-tanh`` asks for."""
     build, size, width = PAIRS[name]
-    return build(size, width, args.smoke, **({"channels_last": not args.diffx_nchw} if name == "unet" else {}))
+    options = {"channels_last": not args.diffx_nchw} if name == "unet" else \
+        {"gelu_approximate": "tanh" if args.diffx_gelu_tanh else "none"}
+    return build(size, width, args.smoke, **options)
 
 
 def _step_fn(model, forward, x, train: bool):
@@ -149,7 +153,7 @@ def compare(name: str, args, device, autocast) -> None:
               f"{args.rounds} rounds)", flush=True)
 
 
-def profile(name: str, args, device, autocast, top: int = 20) -> None:
+def profile(name: str, args, device, autocast, top: int = 32) -> None:
     """``--profile``: torch.profiler's self CPU time per op of a training step of each model, side by side
     (the mean over ``--rounds`` steps each, the two models alternating after 2 warm-up steps, so that load
     drift hits both alike), the ops where either side spends most first."""
@@ -189,6 +193,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny models, to check that it runs")
     parser.add_argument("--profile", action="store_true", help="per-op profile of one training step instead")
     parser.add_argument("--diffx-nchw", action="store_true", help="diffx's UNet with model.channels_last=false")
+    parser.add_argument("--diffx-gelu-tanh", action="store_true",
+                        help="diffx's MMDiT with SD3's tanh GELU (model.gelu_approximate=tanh)")
     parser.add_argument("--diffusers-nhwc", action="store_true", help="diffusers' models in channels_last too")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

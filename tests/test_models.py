@@ -10,7 +10,9 @@ import torch
 from omegaconf import OmegaConf
 
 from diffx.errors import DiffxError
+from diffx.models import layers
 from diffx.models.conditioned import TextConditioned
+from diffx.models.layers import RMSNorm
 from diffx.models.mmdit import MMDiT
 from diffx.models.unet import UNet
 
@@ -128,6 +130,45 @@ def test_mmdit_streams_have_separate_weights():
     assert torch.equal(block.image.to_kv.weight, before)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 5, 8), (4, 8)])
+def test_rms_norm_value_and_gradients_match_the_three_op_formula(shape):
+    """RMSNorm's written-out backward (layers._RMSNormFn) against autograd through x * rsqrt(mean x^2 + eps) * w,
+    in float64, on a transposed view as the MMDiT's split heads give it."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape[:-2], shape[-1], shape[-2], generator=gen, dtype=torch.float64).transpose(-1, -2)
+    x.requires_grad_()
+    norm = RMSNorm(shape[-1]).double()
+    with torch.no_grad():
+        norm.weight.add_(torch.randn(shape[-1], generator=gen, dtype=torch.float64))
+    dy = torch.randn(shape, generator=gen, dtype=torch.float64)
+    ours = norm(x)
+    ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    got = torch.autograd.grad(ours, (x, norm.weight), dy)
+    want = torch.autograd.grad(ref, (x, norm.weight), dy)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+    assert torch.autograd.gradcheck(lambda v, w: layers._RMSNormFn.apply(v, w, 1e-6), (x, norm.weight))
+
+
+def test_mmdit_exact_gelu_is_the_tanh_gelu_to_round_off_and_old_configs_keep_tanh():
+    """model.gelu_approximate=none (the presets' choice) swaps only the MLP's GELU: same weights, outputs within
+    the two GELUs' difference; a config without the key (an older checkpoint's) builds SD3's tanh GELU."""
+    gen = torch.Generator().manual_seed(1)
+    tanh = MMDiT(C, S, width=16, depth=1, heads=2, single_blocks=1, **CONDS["label"])
+    perturb_all(tanh, gen)
+    exact = MMDiT(C, S, width=16, depth=1, heads=2, single_blocks=1, gelu_approximate="none", **CONDS["label"])
+    exact.load_state_dict(tanh.state_dict())
+    assert tanh.joint_blocks[0].image.mlp.approximate == "tanh"
+    assert tanh.single_stream[0].gelu_approximate == "tanh"
+    x, t, cond = torch.randn(B, C, S, S, generator=gen), torch.rand(B, generator=gen), {"label": torch.tensor([1, 2, -1])}
+    a, b = tanh(x, t, cond), exact(x, t, cond)
+    assert not torch.equal(a, b)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-2 * a.abs().max().item())
+    for name in ("mmdit", "mmdit_s", "mmdit_b"):
+        assert OmegaConf.load(CONF / f"{name}.yaml").gelu_approximate == "none"
+
+
 def test_mmdit_qk_norm_switch():
     with_norm, without = TINY["mmdit"](), TINY["mmdit_no_qk_norm"]()
     assert any("q_norm.weight" in n for n, _ in with_norm.named_parameters())
@@ -159,6 +200,7 @@ def test_autocast_bf16(arch):
         (lambda: MMDiT(3, 8, width=16, depth=2, heads=2, dual_attention_layers=3), "model.dual_attention_layers=3"),
         (lambda: MMDiT(3, 8, width=24, heads=4, pos="rope"), "model.pos=rope"),
         (lambda: MMDiT(3, 8, width=16, heads=2, pos="alibi"), "model.pos='alibi'"),
+        (lambda: MMDiT(3, 8, width=16, heads=2, gelu_approximate="erf"), "model.gelu_approximate='erf'"),
     ],
 )
 def test_bad_shapes_raise_diffx_error(build, key):

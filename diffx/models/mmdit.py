@@ -44,7 +44,7 @@ class StreamWeights(nn.Module):
     """
 
     def __init__(self, width: int, heads: int, mlp_ratio: float, qk_norm: bool, pre_only: bool = False,
-                 dual: bool = False):
+                 dual: bool = False, gelu_approximate: str = "tanh"):
         super().__init__()
         self.heads = heads
         self.pre_only, self.dual = pre_only, dual
@@ -58,7 +58,7 @@ class StreamWeights(nn.Module):
             self.q_norm = RMSNorm(width // heads) if qk_norm else nn.Identity()
             self.proj = nn.Linear(width, width)
             self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-            self.mlp = Mlp(width, int(width * mlp_ratio))
+            self.mlp = Mlp(width, int(width * mlp_ratio), gelu_approximate)
         if dual:
             self.to_qkv2 = nn.Linear(width, 3 * width)
             self.q_norm2 = RMSNorm(width // heads) if qk_norm else nn.Identity()
@@ -100,10 +100,11 @@ class DoubleStreamBlock(nn.Module):
     the concatenated [context, image] sequence."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: float, qk_norm: bool, context_pre_only: bool,
-                 dual: bool = False):
+                 dual: bool = False, gelu_approximate: str = "tanh"):
         super().__init__()
-        self.image = StreamWeights(width, heads, mlp_ratio, qk_norm, dual=dual)
-        self.context = StreamWeights(width, heads, mlp_ratio, qk_norm, pre_only=context_pre_only)
+        self.image = StreamWeights(width, heads, mlp_ratio, qk_norm, dual=dual, gelu_approximate=gelu_approximate)
+        self.context = StreamWeights(width, heads, mlp_ratio, qk_norm, pre_only=context_pre_only,
+                                     gelu_approximate=gelu_approximate)
 
     def forward(self, x: Tensor, ctx: Tensor, c: Tensor, mask: Tensor, rope=None) -> tuple[Tensor, Tensor]:
         # Rotary positions (pos=rope) are the image tokens'; context tokens sit at position 0 (no rotation).
@@ -125,9 +126,10 @@ class SingleStreamBlock(nn.Module):
     """Flux's single-stream block: shared weights over the concatenated tokens, with attention and
     MLP computed in parallel from one fused input projection, and one adaLN-Zero gate."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, qk_norm: bool):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, qk_norm: bool, gelu_approximate: str = "tanh"):
         super().__init__()
         self.heads, self.width, self.hidden = heads, width, int(width * mlp_ratio)
+        self.gelu_approximate = gelu_approximate
         self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.ada = ada_ln(width, 3)
         self.fused_in = nn.Linear(width, 3 * width + self.hidden)  # -> q, k, v, MLP hidden
@@ -144,7 +146,7 @@ class SingleStreamBlock(nn.Module):
             n = rope[0].shape[0]
             q, k = (torch.cat([y[:, :, :-n], apply_rope(y[:, :, -n:], rope)], dim=2) for y in (q, k))
         attn = merge_heads(attention(q, k, v, mask, has_key=True))  # (B, L+N, D); the register is a real key
-        out = self.fused_out(torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=-1))
+        out = self.fused_out(torch.cat([attn, F.gelu(mlp, approximate=self.gelu_approximate)], dim=-1))
         return torch.addcmul(h, gate[:, None], out)  # h + gate * out
 
 
@@ -200,9 +202,10 @@ class MMDiT(nn.Module):
         guidance_embed: bool = False,
         dual_attention_layers: int = 0,
         pos: str = "sincos",
+        gelu_approximate: str = "tanh",
     ):
         super().__init__()
-        _check(image_size, patch_size, width, heads, depth, dual_attention_layers, pos)
+        _check(image_size, patch_size, width, heads, depth, dual_attention_layers, pos, gelu_approximate)
         self.checkpointing = checkpointing
         self.in_channels, self.patch_size = in_channels, patch_size
         self.grid = image_size // patch_size
@@ -229,10 +232,11 @@ class MMDiT(nn.Module):
 
         self.joint_blocks = nn.ModuleList(
             DoubleStreamBlock(width, heads, mlp_ratio, qk_norm, context_pre_only=(i == depth - 1 and not single_blocks),
-                              dual=i < dual_attention_layers)
+                              dual=i < dual_attention_layers, gelu_approximate=gelu_approximate)
             for i in range(depth)
         )
-        self.single_stream = nn.ModuleList(SingleStreamBlock(width, heads, mlp_ratio, qk_norm) for _ in range(single_blocks))
+        self.single_stream = nn.ModuleList(SingleStreamBlock(width, heads, mlp_ratio, qk_norm, gelu_approximate)
+                                           for _ in range(single_blocks))
         self.final = FinalLayer(width, patch_size, in_channels)
 
     def context_tokens(self, cond: dict | None, batch: int) -> tuple[Tensor, Tensor]:
@@ -297,7 +301,7 @@ class MMDiT(nn.Module):
 
 
 def _check(image_size: int, patch_size: int, width: int, heads: int, depth: int, dual: int = 0,
-           pos: str = "sincos") -> None:
+           pos: str = "sincos", gelu_approximate: str = "tanh") -> None:
     """Reject shape combinations that would only fail deep inside forward()."""
     if patch_size < 1 or image_size % patch_size:
         raise DiffxError(
@@ -314,6 +318,8 @@ def _check(image_size: int, patch_size: int, width: int, heads: int, depth: int,
         raise DiffxError(f"model.depth={depth} must be at least 1 (double-stream blocks)")
     if not 0 <= dual <= depth:
         raise DiffxError(f"model.dual_attention_layers={dual}: expected 0..model.depth={depth}")
+    if gelu_approximate not in ("tanh", "none"):
+        raise DiffxError(f"model.gelu_approximate={gelu_approximate!r}: expected tanh (SD3's GELU) or none (exact GELU)")
     if pos not in ("sincos", "rope"):
         raise DiffxError(f"model.pos={pos!r}: expected sincos or rope")
     if pos == "rope" and (width // heads) % 4:
