@@ -17,7 +17,7 @@ from accelerate.utils import GradientAccumulationPlugin, set_seed
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from diffx import checkpoint, conditioning, monitor, resume, trackers
+from diffx import allocator, checkpoint, conditioning, monitor, resume, trackers
 from diffx.build import DataSpec, build, parts_config
 from diffx.config import launched_processes
 from diffx.ema import EMA
@@ -42,6 +42,8 @@ def train(cfg: DictConfig) -> Path:
                               gradient_accumulation_plugin=accumulation,
                               log_with=trackers.check(tc.log_with), project_dir=str(run_dir / "trackers"))
     started = time.time()
+    if tc.keep_freed_memory:  # no page faults per step from freed activations (diffx.allocator)
+        allocator.keep_freed_memory()
     set_seed(cfg.seed, device_specific=True)
     if launched_processes() > accelerator.num_processes:  # e.g. torchrun on CPUs without train.cpu=true
         raise DiffxError(f"{launched_processes()} processes were launched but Accelerate set up {accelerator.num_processes} "

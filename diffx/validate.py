@@ -102,8 +102,9 @@ def _check_train(cfg: DictConfig) -> None:
     _check_eval_every(cfg.train)
     _check_numbers(cfg, [("train.keep_last", True, 1, None, True)])  # resume states kept (resume=auto: diffx.config)
     trackers.check(cfg.train.log_with)  # the name, and that its package is installed
-    if not isinstance(cfg.train.compile, bool):
-        raise DiffxError(f"train.compile={cfg.train.compile}: expected true or false")
+    for key in ("compile", "keep_freed_memory"):
+        if not isinstance(cfg.train[key], bool):
+            raise DiffxError(f"train.{key}={cfg.train[key]}: expected true or false")
     if cfg.train.compile:
         import torch._dynamo  # about a second: only when compiling
 

@@ -145,6 +145,7 @@ def test_bf16_mixed_precision_trains_on_the_cpu(tmp_path, capsys, fresh_accelera
     ("train.grad_accum=0", "train.grad_accum=0"),
     ("train.grad_accum=1.5", "train.grad_accum=1.5"),
     ("train.compile=maybe", "train.compile=maybe"),
+    ("train.keep_freed_memory=sometimes", "train.keep_freed_memory=sometimes"),
     ("train.compile_backend=nope", "train.compile_backend=nope"),
     ("model.checkpointing=2", "model.checkpointing=2"),
 ])
