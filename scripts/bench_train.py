@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from diffx import allocator
 from diffx.models.mmdit import MMDiT
 from diffx.models.unet import UNet
 
@@ -195,13 +196,18 @@ def main() -> None:
     parser.add_argument("--diffx-nchw", action="store_true", help="diffx's UNet with model.channels_last=false")
     parser.add_argument("--diffx-gelu-tanh", action="store_true",
                         help="diffx's MMDiT with SD3's tanh GELU (model.gelu_approximate=tanh)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's allocator as it is (by default both models share train.keep_freed_memory's "
+                             "setting, so page faults, which vary from step to step, do not decide the ratio)")
     parser.add_argument("--diffusers-nhwc", action="store_true", help="diffusers' models in channels_last too")
     args = parser.parse_args()
+    kept = not args.default_malloc and allocator.keep_freed_memory()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
     args.peak = matmul_peak(device, dtype) / 1e9
-    print(f"device {device}, {dtype}, {torch.get_num_threads()} threads; matmul peak {args.peak:.1f} GFLOP/s")
+    print(f"device {device}, {dtype}, {torch.get_num_threads()} threads; matmul peak {args.peak:.1f} GFLOP/s; "
+          f"freed host memory {'kept for reuse' if kept else 'returned (glibc default)'}")
     for name in args.pairs:
         (profile if args.profile else compare)(name, args, device, autocast)
 
