@@ -39,6 +39,9 @@ def calibrate(cfg: DictConfig) -> list[Path]:
     budgets = _budgets(cfg.steps)
     if cfg.method not in learned.METHODS:
         raise DiffxError(f"method={cfg.method}: expected one of {', '.join(learned.METHODS)}")
+    weight = cfg.path_weight
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+        raise DiffxError(f"path_weight={weight}: expected a number >= 0 (0: endpoint loss only)")
     device = resolve_device(cfg.device)
     parts, ckpt = checkpoint.load(cfg.ckpt, device)
     parts.model.requires_grad_(False)  # only the solver's coefficients and times are fitted
@@ -61,7 +64,7 @@ def calibrate(cfg: DictConfig) -> list[Path]:
         None, schedule, steps=budgets, noise=z, denoiser_for=denoiser_for, samples=cfg.samples,
         validation=cfg.validation, holdout=cfg.holdout, reference_steps=cfg.reference_steps,
         choices=_choices(sampler, grid), method=cfg.method, iters=cfg.iters, lr=cfg.lr, t_lr=cfg.t_lr,
-        batch=cfg.batch_size, learn_times=cfg.learn_times, seed=cfg.seed,
+        batch=cfg.batch_size, learn_times=cfg.learn_times, seed=cfg.seed, path_weight=float(cfg.path_weight),
         log=lambda msg: console.print(escape(f"{msg}  ({time.time() - t0:.0f} s)")))
     for n, result in found.items():
         _write(cfg, ckpt, outs[n], result, console)
@@ -101,7 +104,8 @@ def _write(cfg: DictConfig, ckpt, out: Path, result: calibration.Calibration, co
     before, after = held["base"], held[result.kept]
     solver.meta = {**solver.meta, "nfe": solver.steps, "cfg": cfg.cfg, "ckpt": str(cfg.ckpt), "ckpt_step": ckpt.step,
                    "samples": cfg.samples, "validation": cfg.validation, "holdout": cfg.holdout, "iters": cfg.iters,
-                   "method": cfg.method, "seed": cfg.seed, "reference_steps": cfg.reference_steps, "kept": result.kept,
+                   "method": cfg.method, "path_weight": float(cfg.path_weight), "seed": cfg.seed,
+                   "reference_steps": cfg.reference_steps, "kept": result.kept,
                    "holdout_rms_base": before.rms, "holdout_rms_fitted": after.rms,
                    "holdout_mean_base": before.mean, "holdout_mean_fitted": after.mean, "diffx_version": __version__}
     learned.save(out, solver)

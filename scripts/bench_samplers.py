@@ -3,10 +3,10 @@
 The data is a Gaussian mixture, so the denoiser is exact (the closed-form posterior mean) and every
 sampler integrates the same probability-flow ODE from the same start noise. The reference endpoint
 is a tight scipy DOP853 solve of that ODE in the variance-preserving angle ``phi = atan(sigma/alpha)``,
-where it is smooth from pure noise (phi = pi/2) to data (phi = 0). Reported: the RMS endpoint error
-against it (over all samples and coordinates) per number of network evaluations (NFE), and in the
-summary also the median per-sample error, since on multi-modal data the RMS is dominated by the few
-samples whose trajectory ends in another mode.
+where it is smooth from pure noise (phi = pi/2) to data (phi = 0), cached under ``/tmp/diffx_bench_refs``.
+Reported: the RMS endpoint error against it (over all samples and coordinates) per number of network
+evaluations (NFE), and in the summary also the median per-sample error, since on multi-modal data the
+RMS is dominated by the few samples whose trajectory ends in another mode.
 
 Every sampler sees the model at the exact (alpha, sigma) it asks for: diffusers' schedulers at their
 own internal sigma (so the integer rounding of timesteps that some do costs them nothing),
@@ -23,6 +23,7 @@ for reference only); NFE in parentheses where a sampler cannot hit the budget ex
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import inspect
 import math
@@ -64,8 +65,25 @@ class GaussianMixture:
         return x0, noise
 
 
-def reference(gmm, x_vp, phi0, rtol=1e-10):
-    """Endpoint of the PF-ODE ``dx/dphi = -sin(phi) x0_hat + cos(phi) noise_hat`` from phi0 to ~0."""
+REF_CACHE = Path("/tmp/diffx_bench_refs")  # DOP853 endpoints, keyed by the mixture, the noises and phi0
+
+
+def reference(gmm, x_vp, phi0, rtol=1e-10, chunk=2048):
+    """Endpoint of the PF-ODE ``dx/dphi = -sin(phi) x0_hat + cos(phi) noise_hat`` from phi0 to ~0, solved
+    ``chunk`` samples at a time (so a large ``--n`` neither grows one system nor shares its step control),
+    and cached under ``REF_CACHE``: the scored noises of a case are solved once across runs."""
+    key = hashlib.sha1(b"".join(t.numpy().tobytes() for t in (gmm.mu, gmm.logw, x_vp))
+                       + repr((gmm.c2, round(phi0, 12), rtol, chunk)).encode()).hexdigest()[:20]
+    path = REF_CACHE / f"{key}.pt"
+    if path.is_file():
+        return torch.load(path)
+    out = torch.cat([_dop853(gmm, x_vp[lo:lo + chunk], phi0, rtol) for lo in range(0, len(x_vp), chunk)])
+    REF_CACHE.mkdir(parents=True, exist_ok=True)
+    torch.save(out, path)
+    return out
+
+
+def _dop853(gmm, x_vp, phi0, rtol):
     shape, phi_end = x_vp.shape, 1e-7
 
     def f(phi, y):
@@ -159,7 +177,8 @@ def run_learned(case, gmm, z, budget, args):
         _FITS[key] = {m: calibration.calibrate(den, case.objective.schedule, steps=args.learned_nfe, noise=pool,
                                                target=target, samples=args.calib_samples, validation=n_val,
                                                holdout=n_val, method=m, iters=args.calib_iters, batch=args.calib_batch,
-                                               lr=args.calib_lr, t_lr=args.calib_t_lr, seed=args.seed)
+                                               lr=args.calib_lr, t_lr=args.calib_t_lr, seed=args.seed,
+                                               path_weight=args.calib_path_weight)
                       for m in args.calib_methods}
     out = {}
     for method, found in _FITS[key].items():
@@ -414,6 +433,8 @@ def main(argv=None):
     p.add_argument("--calib-lr", type=float, default=1e-3, help="learned.fit's lr (coefficients)")
     p.add_argument("--calib-t-lr", type=float, default=1e-2, help="learned.fit's t_lr (call times)")
     p.add_argument("--calib-batch", type=int, default=4096)
+    p.add_argument("--calib-path-weight", type=float, default=0.0,
+                   help="learned.fit's path_weight: the loss on the intermediate states against the reference path")
     p.add_argument("--calib-methods", nargs="+", default=["joint"], choices=["staged", "joint", "lbfgs"],
                    help="learned.fit methods to compare, one row each")
     p.add_argument("--no-peers", action="store_true", help="diffx only: skip diffusers and k-diffusion")

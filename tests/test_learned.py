@@ -179,16 +179,32 @@ def _fit_problem(kind: str, c: float):
 
 def test_a_fit_with_validation_returns_its_best_checked_solver(monkeypatch):
     """Early stopping: every check scores the current solver on the validation noises, and the result is the
-    one scored best (or the base). At a high rate the last iterate is worse than the best one."""
+    one with the lowest RMS of those that also beat the base's mean per-sample error (the guard's rule), or
+    the base. At a high rate the last iterate is worse than the best one."""
     den, base, fit_z, fit_ref, val = _fit_problem("ddpm", c=0.05)
-    scored, rms = [], learned.rms
-    monkeypatch.setattr(learned, "rms", lambda *a, **k: scored.append(rms(*a, **k)) or scored[-1])
+    scored, errors = [], learned.sample_errors
+    monkeypatch.setattr(learned, "sample_errors", lambda *a, **k: scored.append(errors(*a, **k)) or scored[-1])
     options = dict(iters=40, lr=1e-1, t_lr=3e-1, batch=32, check_every=4)
     got = learned.fit(lambda idx: den, base, fit_z, fit_ref, val=val, **options)
     last = learned.fit(lambda idx: den, base, fit_z, fit_ref, **options)  # the same run, no validation
     assert len(scored) == 1 + 10  # the base, then one per check
-    assert rms(*val[:1], got, *val[1:]) == pytest.approx(min(scored))
-    assert rms(*val[:1], last, *val[1:]) > min(scored)
+    rms, mean = [se.mean().sqrt().item() for se in scored], [se.sqrt().mean().item() for se in scored]
+    eligible = [r for r, m in zip(rms[1:], mean[1:]) if m < mean[0]]
+    assert eligible and learned.rms(*val[:1], got, *val[1:]) == pytest.approx(min(eligible))
+    assert learned.rms(*val[:1], last, *val[1:]) > min(eligible)
+
+
+def test_early_stopping_skips_a_check_that_wins_the_rms_but_loses_the_mean(monkeypatch):
+    """A checked solver with a lower RMS but a worse mean per-sample error than the base is not kept; one
+    better on both is. (Per-sample squared errors: base [0.01, 3.99], RMS 1.41 / mean 1.05; ``rms_only``
+    [0.25, 3.0], 1.27 / 1.12; ``both`` [0.0025, 3.6], 1.34 / 0.97.)"""
+    den, base, fit_z, fit_ref, val = _fit_problem("ddpm", c=0.05)
+    per_sample = {"base": [0.01, 3.99], "rms_only": [0.25, 3.0], "both": [0.0025, 3.6]}
+    for check, expect_base in (("rms_only", True), ("both", False)):
+        fake = iter([torch.tensor(per_sample["base"]), torch.tensor(per_sample[check])])
+        monkeypatch.setattr(learned, "sample_errors", lambda *a, **k: next(fake))
+        got = learned.fit(lambda idx: den, base, fit_z, fit_ref, val=val, iters=1, batch=32, check_every=1)
+        assert (got is base) == expect_base
 
 
 def test_a_fit_that_goes_astray_falls_back_to_its_base():

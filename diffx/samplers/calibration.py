@@ -105,12 +105,7 @@ def bases(schedule, nfe: int, choices=None) -> dict[str, learned.LinearSolver]:
 @torch.no_grad()
 def score(denoiser_for, solver: learned.LinearSolver, z: Tensor, target: Tensor, batch: int = 256) -> Score:
     """``Score`` of ``solver`` on noises ``z`` against ``target``; ``denoiser_for(idx)`` for rows of ``z``."""
-    per_sample = []
-    for lo in range(0, len(z), batch):
-        idx = torch.arange(lo, min(lo + batch, len(z)))
-        out = learned.rollout(denoiser_for(idx), solver.C, solver.ts, z[lo:lo + batch])
-        per_sample.append((out - target[lo:lo + batch]).double().flatten(1).pow(2).mean(1).cpu())
-    se = torch.cat(per_sample)  # (N,) per-sample mean squared error
+    se = learned.sample_errors(denoiser_for, solver, z, target, batch)  # (N,) per-sample mean squared error
     median = se.sqrt().median()
     tail = torch.where(se.sqrt() > OUTLIER * median, se, 0.0).mean().sqrt()
     return Score(se.mean().sqrt().item(), se.sqrt().mean().item(), median.item(), tail.item())
@@ -138,7 +133,7 @@ def calibrate(denoise, schedule, noise_shape=None, steps=(10,), *, noise: Tensor
               target: Tensor | None = None, denoiser_for: Callable | None = None, samples: int = 1024, validation: int = 256, holdout: int = 256,
               reference_steps: int = 200, choices=None, method: str = "joint", iters: int = 500,
               lr: float = 1e-3, t_lr: float = 1e-2, batch: int = 256, learn_times: bool = True, seed: int = 0,
-              log: Callable[[str], None] | None = None) -> dict[int, Calibration]:
+              path_weight: float = 0.0, log: Callable[[str], None] | None = None) -> dict[int, Calibration]:
     """Fit a solver at each NFE of ``steps`` to the model behind ``denoise`` (``denoise(x, t) ->
     (x0_hat, noise_hat)``, differentiable in x, and in t to fit the times).
 
@@ -147,7 +142,9 @@ def calibrate(denoise, schedule, noise_shape=None, steps=(10,), *, noise: Tensor
     if already solved (``learned.reference``; another fit of the same pool). ``denoiser_for(idx)``: the denoiser
     for rows ``idx`` of the pool (per-row conditions); default ``denoise`` for all. ``choices``: the
     bases to try, ``[(label, sampler, grid)]`` (default: ``BASES`` x ``auto.GRIDS``). The rest is
-    ``learned.fit``'s. Returns ``{nfe: Calibration}``."""
+    ``learned.fit``'s; with ``path_weight`` > 0 the fit noises' reference solves are also recorded along the
+    way (``learned.trajectory``, one more solve of each) for its loss on the intermediate states. Returns
+    ``{nfe: Calibration}``."""
     log = log or (lambda msg: None)
     denoiser_for = denoiser_for or (lambda idx: denoise)
     total = samples + validation + holdout
@@ -162,6 +159,10 @@ def calibrate(denoise, schedule, noise_shape=None, steps=(10,), *, noise: Tensor
     if target is None:
         target = references(denoiser_for, schedule, noise, reference_steps, batch)
         log(f"reference: {total} ODE solves at {reference_steps} steps")
+    path = None
+    if path_weight > 0 and iters > 0:
+        path = trajectories(denoiser_for, schedule, noise[:samples], reference_steps, batch)
+        log(f"trajectory: {samples} ODE solves recorded at {len(path.lam)} points")
     pools = {name: _pool(denoiser_for, noise, target, lo, hi) for name, (lo, hi) in
              {"fit": (0, samples), "validation": (samples, samples + validation),
               "selection": (0, samples + validation), "holdout": (samples + validation, total)}.items()}
@@ -169,7 +170,7 @@ def calibrate(denoise, schedule, noise_shape=None, steps=(10,), *, noise: Tensor
     for nfe in sorted(set(int(n) for n in steps)):
         out[nfe] = _one_budget(schedule, nfe, pools, choices, batch, log,
                                dict(iters=iters, lr=lr, t_lr=t_lr, batch=batch, seed=seed, learn_times=learn_times,
-                                    method=method))
+                                    method=method, path=path, path_weight=path_weight))
     return out
 
 
@@ -177,6 +178,13 @@ def references(denoiser_for, schedule, noise: Tensor, steps: int = 200, batch: i
     """``learned.reference`` endpoints of every row of ``noise``, ``batch`` rows at a time."""
     return torch.cat([learned.reference(denoiser_for(torch.arange(lo, min(lo + batch, len(noise)))), schedule,
                                         noise[lo:lo + batch], steps) for lo in range(0, len(noise), batch)])
+
+
+def trajectories(denoiser_for, schedule, noise: Tensor, steps: int = 200, batch: int = 256) -> learned.Trajectory:
+    """``learned.trajectory`` of every row of ``noise``, ``batch`` rows at a time, as one ``Trajectory``."""
+    parts = [learned.trajectory(denoiser_for(torch.arange(lo, min(lo + batch, len(noise)))), schedule,
+                                noise[lo:lo + batch], steps) for lo in range(0, len(noise), batch)]
+    return learned.Trajectory(schedule, parts[0].lam, torch.cat([p.v for p in parts]), torch.cat([p.dv for p in parts]))
 
 
 def _pool(denoiser_for, noise: Tensor, target: Tensor, lo: int, hi: int) -> tuple:

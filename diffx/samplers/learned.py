@@ -71,11 +71,17 @@ class LinearSolver:
 
 def rollout(denoise, C: Tensor, ts: Tensor, z: Tensor) -> Tensor:
     """Run the linear sampler ``C`` over call times ``ts`` from noise ``z`` (differentiable in C, ts)."""
-    feats = [z]
+    return points(denoise, C, ts, z)[-1]
+
+
+def points(denoise, C: Tensor, ts: Tensor, z: Tensor) -> list[Tensor]:
+    """``[x_0, ..., x_{n-1}, x_n]``: the query points of ``rollout`` (x_i is where the model is called at
+    ``ts[i]``) and its output."""
+    feats, xs = [z], []
     for i in range(len(ts)):
-        x = _combine(C[i], feats)
-        feats.append(denoise(x, ts[i])[0])
-    return _combine(C[len(ts)], feats)
+        xs.append(_combine(C[i], feats))
+        feats.append(denoise(xs[-1], ts[i])[0])
+    return xs + [_combine(C[len(ts)], feats)]
 
 
 def _combine(row: Tensor, feats: list[Tensor]) -> Tensor:
@@ -158,12 +164,69 @@ def reference_grid(steps: int, schedule) -> Tensor:
     return torch.cat([ts, ts.new_zeros(1)])
 
 
+TRAJECTORY_EVERY = 8  # ``trajectory`` records every 8th call of the reference solve: 25 nodes of 200 steps
+
+
+@dataclass
+class Trajectory:
+    """The reference ODE solution of N noises at K of its model calls, for the solver's intermediate
+    states to be compared with at any time in between (``fit``'s ``path_weight``). Stored in the
+    variance-preserving form of the path, ``v = x / sqrt(alpha^2 + sigma^2)`` over the half log-SNR
+    ``lambda`` (the same curve for every schedule): ``lam`` (K,) increasing, ``v`` (N, K, ...) and its
+    slope ``dv`` = dv/dlambda = a x0_hat - a^2 v with ``a = alpha / sqrt(alpha^2 + sigma^2)`` (the
+    PF-ODE ``dy/dlambda = x0_hat - y`` of ``y = x / alpha``, Lu et al. 2022, rewritten in v), so that
+    ``at`` interpolates it with a cubic Hermite spline: smooth, and v -> the noise as lambda -> -inf."""
+
+    schedule: object
+    lam: Tensor
+    v: Tensor
+    dv: Tensor
+
+    def at(self, t: Tensor, rows: Tensor) -> Tensor:
+        """The reference state ``x(t)`` of pool ``rows`` at the 0-dim time ``t``, differentiable in ``t``
+        (lambda outside the recorded range is clamped to its ends)."""
+        alpha, sigma = self.schedule.alpha_sigma(t.reshape(1).to(torch.float64))
+        lam = (alpha.log() - sigma.log()).clamp(self.lam[0], self.lam[-1])
+        k = (torch.searchsorted(self.lam, lam.detach()) - 1).clamp(0, len(self.lam) - 2)  # interval [k, k + 1]
+        h = self.lam[k + 1] - self.lam[k]
+        u = (lam - self.lam[k]) / h
+        h00, h10, h01, h11 = 2 * u**3 - 3 * u**2 + 1, u**3 - 2 * u**2 + u, 3 * u**2 - 2 * u**3, u**3 - u**2
+        ends = torch.cat([k, k + 1])
+        v, dv = self.v[rows[:, None], ends], self.dv[rows[:, None], ends]  # (B, 2, ...)
+        y = h00 * v[:, 0] + h10 * h * dv[:, 0] + h01 * v[:, 1] + h11 * h * dv[:, 1]
+        return ((alpha**2 + sigma**2).sqrt() * y).to(self.v.dtype)
+
+
+@torch.no_grad()
+def trajectory(denoise, schedule, z: Tensor, steps: int = 200) -> Trajectory:
+    """``reference``'s solve from ``z``, recorded at every ``TRAJECTORY_EVERY``-th model call after the
+    first (at t = 1, where lambda may be -inf): the model's own state and x0_hat there."""
+    nodes: list[tuple[float, Tensor, Tensor]] = []
+    calls = [0]
+
+    def record(x: Tensor, t):
+        x0, noise = denoise(x, t)
+        if calls[0] > 0 and calls[0] % TRAJECTORY_EVERY == 1 % TRAJECTORY_EVERY:
+            nodes.append((float(t), x, x0))
+        calls[0] += 1
+        return x0, noise
+
+    multistep.unipc(record, schedule, z, reference_grid(steps, schedule), order=3)
+    ab = torch.tensor(schedule.table(torch.tensor([t for t, _, _ in nodes], dtype=torch.float64)), dtype=torch.float64)
+    r = ab.pow(2).sum(1).sqrt()  # (K,) sqrt(alpha^2 + sigma^2)
+    a = (ab[:, 0] / r).to(z.dtype).reshape(1, -1, *([1] * (z.ndim - 1)))  # (1, K, 1...)
+    v = torch.stack([x / rk for (_, x, _), rk in zip(nodes, r.tolist())], 1)  # (N, K, ...)
+    x0 = torch.stack([x0 for _, _, x0 in nodes], 1)
+    return Trajectory(schedule, (ab[:, 0].log() - ab[:, 1].log()).to(z.device), v, a * x0 - a * a * v)
+
+
 METHODS = ("joint", "staged", "lbfgs")
 
 
 def fit(denoiser_for, solver: LinearSolver, z: Tensor, target: Tensor, iters: int = 500, lr: float = 1e-3,
         t_lr: float = 1e-2, batch: int = 1024, seed: int = 0, learn_times: bool = True, val=None,
-        on_step=None, check_every: int = 0, method: str = "joint") -> LinearSolver:
+        on_step=None, check_every: int = 0, method: str = "joint", path: Trajectory | None = None,
+        path_weight: float = 0.0) -> LinearSolver:
     """Fit ``C`` and the call times to ``mean |rollout(z) - target|^2`` on the calibration pool (z, target),
     from ``solver`` (usually ``trace`` of a classical sampler). ``method``:
 
@@ -175,11 +238,19 @@ def fit(denoiser_for, solver: LinearSolver, z: Tensor, target: Tensor, iters: in
     - ``lbfgs``: L-BFGS with a strong-Wolfe line search on one fixed batch of ``batch`` noises,
       ``iters`` iterations (a deterministic loss, so no learning rate to tune).
 
+    ``path`` (``trajectory`` of the pool) and ``path_weight`` > 0 add ``path_weight`` times the mean over
+    the query points x_1..x_{n-1} of ``mean |x_i - x_ref(t_i)|^2``, the reference ODE state at the solver's
+    call time: a few-step solver decides early which mode a sample goes to, and the endpoint loss sees that
+    only through the rare samples that already went wrong (their gradient comes from the other side of a
+    mode boundary); the path loss fits the early steps on every sample.
+
     ``val = (val_denoiser_for, z_val, target_val)``: noises kept out of the fit. At every check (below) the
-    current solver is scored on them (RMS) and the best so far is kept: the result is that one (early
-    stopping: on multi-modal data a step that repairs a few mode flips of the batch can add others), or
-    ``solver`` itself if no checked solver was more accurate there -- a fit that went astray never makes
-    sampling worse (``diffx.samplers.calibration`` applies a stricter guard, on two metrics).
+    current solver is scored on them and the one with the lowest RMS among those that also beat ``solver``'s
+    mean per-sample error is kept: the result is that one (early stopping: on multi-modal data a step that
+    repairs a few mode flips of the batch can add others, and at 20 NFE the late steps that repair flips can
+    cost the typical sample more than they gain), or ``solver`` itself if no checked solver was more accurate
+    there on both -- a fit that went astray never makes sampling worse (the rule of ``diffx.samplers.calibration``'s
+    guard, so that what early stopping keeps is what the guard can accept).
 
     Parameters: a lower-triangular correction to C and, with ``learn_times`` (call times strictly
     decreasing), the call times, as a softmax over the n gaps ``t_0 - t_1, ..., t_{n-1} - 0``, so they
@@ -191,15 +262,27 @@ def fit(denoiser_for, solver: LinearSolver, z: Tensor, target: Tensor, iters: in
     """
     if method not in METHODS:
         raise DiffxError(f"method={method}: expected one of {', '.join(METHODS)}")
+    if path_weight > 0 and path is None:
+        raise DiffxError("path_weight > 0 needs path= (learned.trajectory of the calibration noises)")
     params = _Params(solver, learn_times)
     check_every = check_every or max(1, iters // 10)
     g = torch.Generator().manual_seed(seed)
 
     def loss_on(idx: Tensor) -> Tensor:
-        out = rollout(denoiser_for(idx), params.C(), params.ts(), z[idx.to(z.device)])
-        return (out - target[idx.to(z.device)]).double().pow(2).mean()
+        rows, ts = idx.to(z.device), params.ts()
+        xs = points(denoiser_for(idx), params.C(), ts, z[rows])
+        loss = (xs[-1] - target[rows]).double().pow(2).mean()
+        if path_weight > 0 and len(ts) > 1:
+            off = [(xs[i] - path.at(ts[i], rows)).double().pow(2).mean() for i in range(1, len(ts))]
+            loss = loss + path_weight * torch.stack(off).mean()
+        return loss
 
-    kept = [math.inf if val is None else rms(val[0], solver, val[1], val[2], batch), solver]  # [val RMS, solver]
+    def check(candidate: LinearSolver) -> tuple[float, float]:  # (global RMS, mean per-sample RMS) on val
+        se = sample_errors(val[0], candidate, val[1], val[2], batch)
+        return se.mean().sqrt().item(), se.sqrt().mean().item()
+
+    start = (math.inf, math.inf) if val is None else check(solver)
+    kept = [start[0], solver]  # [val RMS, solver]
 
     def report(i: int, loss: Tensor) -> None:
         if (i + 1) % check_every == 0 or i + 1 == iters:
@@ -210,8 +293,8 @@ def fit(denoiser_for, solver: LinearSolver, z: Tensor, target: Tensor, iters: in
                 on_step(i, value)
             if val is not None:
                 current = params.solver(solver.meta)
-                err = rms(val[0], current, val[1], val[2], batch)
-                if err < kept[0]:
+                err, mean = check(current)
+                if err < kept[0] and mean < start[1]:
                     kept[:] = [err, current]
 
     if method == "lbfgs":
@@ -296,15 +379,21 @@ def _times(t0: Tensor, u: Tensor) -> Tensor:
     return torch.cat([t0.reshape(1), t0 * (1 - frac)])
 
 
-@torch.no_grad()
 def rms(denoiser_for, solver: LinearSolver, z: Tensor, target: Tensor, batch: int = 1024) -> float:
     """Endpoint RMS error of ``solver`` against ``target`` over all samples and coordinates."""
-    se = 0.0
+    return sample_errors(denoiser_for, solver, z, target, batch).mean().sqrt().item()
+
+
+@torch.no_grad()
+def sample_errors(denoiser_for, solver: LinearSolver, z: Tensor, target: Tensor, batch: int = 1024) -> Tensor:
+    """(N,) per-sample mean squared endpoint error of ``solver`` against ``target``, on the CPU;
+    ``denoiser_for(idx)`` for rows ``idx`` of ``z``."""
+    out = []
     for lo in range(0, len(z), batch):
         idx = torch.arange(lo, min(lo + batch, len(z)))
-        out = rollout(denoiser_for(idx), solver.C, solver.ts, z[lo:lo + batch])
-        se += float((out - target[lo:lo + batch]).double().pow(2).sum())
-    return math.sqrt(se / target.numel())
+        x = rollout(denoiser_for(idx), solver.C, solver.ts, z[lo:lo + batch])
+        out.append((x - target[lo:lo + batch]).double().flatten(1).pow(2).mean(1).cpu())
+    return torch.cat(out)
 
 
 def save(path, solver: LinearSolver) -> None:
