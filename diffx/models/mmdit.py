@@ -182,6 +182,9 @@ class MMDiT(nn.Module):
     ``checkpointing``: in training mode, keep only each block's inputs and recompute the block during
     backward (Chen et al. 2016), trading one more forward for the activations (the attention's
     included). The weights and their names are the same either way.
+
+    ``gelu_approximate``: the MLPs' GELU, ``tanh`` (SD3's approximation; what a config without the key, an
+    older checkpoint's, builds) or ``none`` (exact, the ``model=mmdit*`` presets': 2.3x faster on a CPU).
     """
 
     def __init__(
