@@ -109,7 +109,10 @@ def _write(cfg: DictConfig, ckpt, out: Path, result: calibration.Calibration, co
                    "holdout_rms_base": before.rms, "holdout_rms_fitted": after.rms,
                    "holdout_mean_base": before.mean, "holdout_mean_fitted": after.mean, "diffx_version": __version__}
     learned.save(out, solver)
-    if result.kept == "base":
+    if result.kept == "smaller":
+        console.print(f"note: the solver fitted at a smaller budget ({solver.steps} NFE) beat this budget's fit and "
+                      f"{result.base} on the validation noises, so the file holds it: {solver.steps} network calls")
+    elif result.kept == "base":
         console.print(f"note: the fit did not beat {result.base} on the validation noises, so the file holds "
                       f"{result.base} itself; more samples= / iters=, or method=lbfgs, may help")
     elif not after.beats(before):

@@ -10,7 +10,11 @@ the validation noises: no base is tuned, so none is favoured, and the rare mode 
 RMS need thousands of noises to be counted --, and ``best`` picks one; the fit (``learned.fit``) starts
 from it; and the guard keeps the fit only if it beats that base on the validation noises on both the
 mean per-sample error and the global RMS. So the result is never worse there than the best untuned
-sampler at that NFE. The reference solves (the costly part) are shared by all budgets. The global RMS
+sampler at that NFE. With several budgets, each one's result at the next smaller budget, embedded into
+this budget's calls with the same output (``diffx.samplers.embedding``), is one more candidate (the one
+candidate fitted on these noises, so ``best`` sees it at its best) and is kept where it beats the kept
+solver on the validation noises: the results are monotone in NFE there, by construction. The
+reference solves (the costly part) are shared by all budgets. The global RMS
 is carried by the few samples whose trajectory ends in another mode (README, Samplers); the per-sample
 mean and median much less, so all three are reported.
 """
@@ -25,7 +29,7 @@ import torch
 from torch import Tensor
 
 from diffx.errors import DiffxError
-from diffx.samplers import auto, learned
+from diffx.samplers import auto, embedding, learned
 from diffx.samplers.plan import name_of, steps_for_nfe
 
 # The deterministic samplers calibration starts from (name, options), on every grid of auto.GRIDS.
@@ -73,10 +77,11 @@ def best(scores: dict[str, Score]) -> str:
 
 @dataclass
 class Calibration:
-    """One budget's result: ``solver`` (the fit, or the best base where the fit did not win), which
-    ``kept`` (``fit`` / ``base``), the ``base`` it started from, and ``scores[pool][which]`` with pool
-    ``validation`` / ``holdout`` and which ``base`` / ``fit``; ``candidates``: every base's score on the fit's
-    and the validation noises together (what ``best`` chose by)."""
+    """One budget's result: ``solver`` (the fit, or the best base where the fit did not win, or the smaller
+    budget's result where that beat both), which ``kept`` (``fit`` / ``base`` / ``smaller``), the ``base`` it
+    started from, and ``scores[pool][which]`` with pool ``validation`` / ``holdout`` and which ``base`` / ``fit``
+    (/ ``smaller``); ``candidates``: every base's score on the fit's and the validation noises together (what
+    ``best`` chose by). A ``solver`` kept from a smaller budget keeps its own, smaller number of calls."""
 
     solver: learned.LinearSolver
     base: str
@@ -168,9 +173,10 @@ def calibrate(denoise, schedule, noise_shape=None, steps=(10,), *, noise: Tensor
               "selection": (0, samples + validation), "holdout": (samples + validation, total)}.items()}
     out = {}
     for nfe in sorted(set(int(n) for n in steps)):
+        smaller = out[max(out)] if out and choices is None else None  # the next smaller budget's result
         out[nfe] = _one_budget(schedule, nfe, pools, choices, batch, log,
                                dict(iters=iters, lr=lr, t_lr=t_lr, batch=batch, seed=seed, learn_times=learn_times,
-                                    method=method, path=path, path_weight=path_weight))
+                                    method=method, path=path, path_weight=path_weight), smaller)
     return out
 
 
@@ -192,11 +198,22 @@ def _pool(denoiser_for, noise: Tensor, target: Tensor, lo: int, hi: int) -> tupl
     return (lambda idx: denoiser_for(rows[idx])), noise[lo:hi], target[lo:hi]
 
 
-def _one_budget(schedule, nfe: int, pools: dict, choices, batch: int, log, fit_options: dict) -> Calibration:
-    """Score every base on the fit's and validation noises, fit from the ``best``, keep the better of the two."""
+def _one_budget(schedule, nfe: int, pools: dict, choices, batch: int, log, fit_options: dict,
+                smaller: Calibration | None = None) -> Calibration:
+    """Score every base on the fit's and validation noises, fit from the ``best``, keep the better of the two.
+
+    ``smaller``: the result at a smaller budget. Embedded into ``nfe`` calls (``embedding.embed``: the same
+    output) it is one more candidate base, so a fit can start where the smaller one ended; and where it beats
+    the kept solver on the validation noises (``Score.beats``) it is kept instead (``kept="smaller"``), as its
+    own m-call solver: a budget's result is then never worse there than the smaller budget's."""
     sel_for, sel_z, sel_target = pools["selection"]
-    candidates = {label: (solver, score(sel_for, solver, sel_z, sel_target, batch))
-                  for label, solver in bases(schedule, nfe, choices).items()}
+    options = bases(schedule, nfe, choices)
+    embedded = None
+    if smaller is not None and smaller.solver.steps < nfe:
+        embedded = embedding.embed(smaller.solver, nfe, schedule)
+        embedded.meta["label"] = f"the {smaller.solver.steps}-NFE result, embedded"
+        options[embedded.meta["label"]] = embedded
+    candidates = {label: (solver, score(sel_for, solver, sel_z, sel_target, batch)) for label, solver in options.items()}
     if not candidates:
         raise DiffxError(f"steps={nfe}: no deterministic base sampler spends exactly {nfe} network calls")
     label = best({k: v[1] for k, v in candidates.items()})
@@ -211,11 +228,17 @@ def _one_budget(schedule, nfe: int, pools: dict, choices, batch: int, log, fit_o
 
     fitted = learned.fit(fit_for, base, fit_z, fit_target, on_step=step_log, val=pools["validation"], **fit_options) \
         if fit_options["iters"] > 0 else base
-    fit_val = score(val_for, fitted, val_z, val_target, batch)
-    kept = "fit" if fitted is not base and fit_val.beats(base_val) else "base"
     held_for, held_z, held_target = pools["holdout"]
-    scores = {"validation": {"base": base_val, "fit": fit_val},
-              "holdout": {"base": score(held_for, base, held_z, held_target, batch),
-                          "fit": score(held_for, fitted, held_z, held_target, batch)}}
-    solver = fitted if kept == "fit" else base
+    solvers = {"base": base, "fit": fitted}
+    scores = {"validation": {"base": base_val, "fit": score(val_for, fitted, val_z, val_target, batch)}}
+    kept = "fit" if fitted is not base and scores["validation"]["fit"].beats(base_val) else "base"
+    if embedded is not None:
+        solvers["smaller"] = smaller.solver
+        scores["validation"]["smaller"] = score(val_for, embedded, val_z, val_target, batch)
+        if scores["validation"]["smaller"].beats(scores["validation"][kept]):
+            kept = "smaller"
+            log(f"{nfe} NFE: the {smaller.solver.steps}-NFE result beats this budget's {label} and its fit on the "
+                "validation noises; it is kept")
+    scores["holdout"] = {k: score(held_for, s, held_z, held_target, batch) for k, s in solvers.items()}
+    solver = smaller.solver if kept == "smaller" or solvers[kept] is embedded else solvers[kept]
     return Calibration(solver, label, kept, scores, {k: v[1] for k, v in candidates.items()})
