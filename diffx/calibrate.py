@@ -42,6 +42,9 @@ def calibrate(cfg: DictConfig) -> list[Path]:
     weight = cfg.path_weight
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
         raise DiffxError(f"path_weight={weight}: expected a number >= 0 (0: endpoint loss only)")
+    sure = cfg.confidence
+    if isinstance(sure, bool) or not isinstance(sure, (int, float)) or not 0 <= sure < 1:
+        raise DiffxError(f"confidence={sure}: expected a share in [0, 1), e.g. 0.9 (0 keeps any fit that wins)")
     device = resolve_device(cfg.device)
     parts, ckpt = checkpoint.load(cfg.ckpt, device)
     parts.model.requires_grad_(False)  # only the solver's coefficients and times are fitted
@@ -65,6 +68,7 @@ def calibrate(cfg: DictConfig) -> list[Path]:
         validation=cfg.validation, holdout=cfg.holdout, reference_steps=cfg.reference_steps,
         choices=_choices(sampler, grid), method=cfg.method, iters=cfg.iters, lr=cfg.lr, t_lr=cfg.t_lr,
         batch=cfg.batch_size, learn_times=cfg.learn_times, seed=cfg.seed, path_weight=float(cfg.path_weight),
+        confidence=float(cfg.confidence),
         log=lambda msg: console.print(escape(f"{msg}  ({time.time() - t0:.0f} s)")))
     for n, result in found.items():
         _write(cfg, ckpt, outs[n], result, console)
@@ -105,6 +109,7 @@ def _write(cfg: DictConfig, ckpt, out: Path, result: calibration.Calibration, co
     solver.meta = {**solver.meta, "nfe": solver.steps, "cfg": cfg.cfg, "ckpt": str(cfg.ckpt), "ckpt_step": ckpt.step,
                    "samples": cfg.samples, "validation": cfg.validation, "holdout": cfg.holdout, "iters": cfg.iters,
                    "method": cfg.method, "path_weight": float(cfg.path_weight), "seed": cfg.seed,
+                   "confidence": float(cfg.confidence), "fit_confidence": result.confidence,
                    "reference_steps": cfg.reference_steps, "kept": result.kept,
                    "holdout_rms_base": before.rms, "holdout_rms_fitted": after.rms,
                    "holdout_mean_base": before.mean, "holdout_mean_fitted": after.mean, "diffx_version": __version__}
@@ -113,8 +118,9 @@ def _write(cfg: DictConfig, ckpt, out: Path, result: calibration.Calibration, co
         console.print(f"note: the solver fitted at a smaller budget ({solver.steps} NFE) beat this budget's fit and "
                       f"{result.base} on the validation noises, so the file holds it: {solver.steps} network calls")
     elif result.kept == "base":
-        console.print(f"note: the fit did not beat {result.base} on the validation noises, so the file holds "
-                      f"{result.base} itself; more samples= / iters=, or method=lbfgs, may help")
+        console.print(f"note: the fit did not beat {result.base} on the validation noises in {cfg.confidence:.0%} of "
+                      f"bootstrap draws of them (it did in {result.confidence:.0%}), so the file holds {result.base} "
+                      "itself; more samples= / validation= / iters=, or method=lbfgs, may help")
     elif not after.beats(before):
         console.print(f"warning: the fitted solver is not more accurate than {result.base} on the held-out noises "
                       "on both metrics; fit with more samples= or iters=")

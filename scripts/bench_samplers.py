@@ -178,7 +178,8 @@ def run_learned(case, gmm, z, budget, args):
                                                target=target, samples=args.calib_samples, validation=n_val,
                                                holdout=n_val, method=m, iters=args.calib_iters, batch=args.calib_batch,
                                                lr=args.calib_lr, t_lr=args.calib_t_lr, seed=args.seed,
-                                               path_weight=args.calib_path_weight)
+                                               path_weight=args.calib_path_weight,
+                                               confidence=args.calib_confidence)
                       for m in args.calib_methods}
     out = {}
     for method, found in _FITS[key].items():
@@ -187,7 +188,8 @@ def run_learned(case, gmm, z, budget, args):
         x = result.solver(den, case.objective.schedule, z.clone())
         out[f"diffx learned {method} [auto base]"] = (x, den.nfe, None)
         val = result.scores["validation"]
-        print(f"- {case.name}, {budget} NFE, {method}: base {result.base}, kept the {result.kept}; validation per-sample "
+        print(f"- {case.name}, {budget} NFE, {method}: base {result.base}, kept the {result.kept} (the fit won "
+              f"{result.confidence:.0%} of bootstrap draws); validation per-sample "
               f"mean {val['base'].mean:.2e} (base) / {val['fit'].mean:.2e} (fit), RMS {val['base'].rms:.2e} / {val['fit'].rms:.2e}",
               flush=True)
     return out
@@ -433,6 +435,8 @@ def main(argv=None):
     p.add_argument("--calib-lr", type=float, default=1e-3, help="learned.fit's lr (coefficients)")
     p.add_argument("--calib-t-lr", type=float, default=1e-2, help="learned.fit's t_lr (call times)")
     p.add_argument("--calib-batch", type=int, default=4096)
+    p.add_argument("--calib-confidence", type=float, default=calibration.CONFIDENCE,
+                   help="the guard's share of bootstrap draws of the validation noises the fit must win (0: any win)")
     p.add_argument("--calib-path-weight", type=float, default=0.0,
                    help="learned.fit's path_weight: the loss on the intermediate states against the reference path")
     p.add_argument("--calib-methods", nargs="+", default=["joint"], choices=["staged", "joint", "lbfgs"],

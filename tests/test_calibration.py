@@ -136,3 +136,35 @@ def test_an_unknown_method_is_a_one_line_error():
     z = torch.zeros(4, 6, dtype=torch.float64)
     with pytest.raises(DiffxError, match="method=adamw: expected one of joint, staged, lbfgs"):
         learned.fit(lambda idx: den, base, z, z, iters=1, method="adamw")
+
+
+def _score(errors):
+    se = torch.as_tensor(errors, dtype=torch.float64)
+    return calibration.Score(se.mean().sqrt().item(), se.sqrt().mean().item(), se.sqrt().median().item(), 0.0, se)
+
+
+def test_confidence_separates_a_gain_everywhere_from_one_carried_by_a_single_flip():
+    g = torch.Generator().manual_seed(0)
+    base = (0.02 * torch.rand(128, generator=g, dtype=torch.float64) + 0.01) ** 2
+    everywhere = base * 0.8  # every sample 0.8x as far off
+    assert calibration.confidence(_score(everywhere), _score(base)) == 1.0
+    # The base has one flip the fit repairs; the fit's typical error is barely lower: it 'beats' the base,
+    # but only the draws holding that one noise see it (1 - (1 - 1/128)^128 = 63%)
+    flip_base, flip_fit = base.clone(), base * 0.999
+    flip_base[7] = 1.0
+    flip_fit[7], flip_fit[8] = base[7], 0.9  # ... and it adds another flip elsewhere
+    a, b = _score(flip_fit), _score(flip_base)
+    assert a.beats(b) and calibration.confidence(a, b) < 0.75
+    assert calibration.confidence(b, b) == 0.0  # a tie is not a win
+
+
+def test_the_guard_keeps_a_fit_only_at_the_asked_confidence():
+    obj, _, den = _setup()
+    for level in (0.0, 0.999):
+        found = calibration.calibrate(den, obj.schedule, noise_shape=(6,), steps=[4], seed=0, confidence=level, **SMALL)
+        r = found[4]
+        val = r.scores["validation"]
+        assert r.confidence == calibration.confidence(val["fit"], val["base"])
+        assert (r.kept == "fit") == (val["fit"].beats(val["base"]) and r.confidence >= level)
+    with pytest.raises(DiffxError, match=r"confidence=1: expected a share in \[0, 1\)"):
+        calibration.calibrate(den, obj.schedule, noise_shape=(6,), steps=[4], confidence=1, **SMALL)

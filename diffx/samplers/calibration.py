@@ -9,14 +9,15 @@ traced into its linear form and scored (one solve each) on every noise the fit m
 the validation noises: no base is tuned, so none is favoured, and the rare mode flips that carry the
 RMS need thousands of noises to be counted --, and ``best`` picks one; the fit (``learned.fit``) starts
 from it; and the guard keeps the fit only if it beats that base on the validation noises on both the
-mean per-sample error and the global RMS. So the result is never worse there than the best untuned
-sampler at that NFE. With several budgets, each one's result at the next smaller budget, embedded into
-this budget's calls with the same output (``diffx.samplers.embedding``), is one more candidate (the one
-candidate fitted on these noises, so ``best`` sees it at its best) and is kept where it beats the kept
-solver on the validation noises: the results are monotone in NFE there, by construction. The
-reference solves (the costly part) are shared by all budgets. The global RMS
-is carried by the few samples whose trajectory ends in another mode (README, Samplers); the per-sample
-mean and median much less, so all three are reported.
+mean per-sample error and the global RMS, and does so in at least ``CONFIDENCE`` of paired bootstrap
+draws of them (``confidence``: a gain carried by one or two mode flips is not a gain). So the result is
+never worse there than the best untuned sampler at that NFE. With several budgets, each one's result at
+the next smaller budget, embedded into this budget's calls with the same output
+(``diffx.samplers.embedding``), is one more candidate (the one candidate fitted on these noises, so
+``best`` sees it at its best) and is kept where it beats the kept solver on the validation noises: the
+results are monotone in NFE there, by construction. The reference solves (the costly part) are shared
+by all budgets. The global RMS is carried by the few samples whose trajectory ends in another mode
+(README, Samplers); the per-sample mean and median much less, so all three are reported.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Score:
     mean: float
     median: float
     tail: float = 0.0
+    errors: Tensor | None = field(default=None, compare=False, repr=False)  # (N,) per-sample mean squared errors
 
     def beats(self, other: "Score") -> bool:
         """Better on the per-sample mean and not worse on the global RMS: the guard's rule."""
@@ -58,6 +60,25 @@ class Score:
 
     def __str__(self) -> str:
         return f"RMS {self.rms:.3e} (flips {self.tail:.1e}), per-sample mean {self.mean:.3e}, median {self.median:.3e}"
+
+
+CONFIDENCE = 0.9  # the guard's default: the fit must beat its base in this share of bootstrap draws
+
+
+def confidence(a: Score, b: Score, draws: int = 1000, seed: int = 0) -> float:
+    """The share of ``draws`` paired bootstrap resamples of the noises (Efron 1979; the same resampled noises
+    for both) on which ``a`` beats ``b`` (``Score.beats``). Where a few mode flips carry the global RMS (e.g.
+    a fit scored on 128 validation noises), an RMS gain that rests on one or two samples wins about as many
+    draws as it loses; a gain spread over the pool wins nearly all. Needs both scores' ``errors``."""
+    if a.errors is None or b.errors is None or len(a.errors) != len(b.errors):
+        raise DiffxError("confidence needs two scores of the same noises, with their per-sample errors")
+    g = torch.Generator().manual_seed(seed)
+    wins = 0
+    for lo in range(0, draws, 100):
+        idx = torch.randint(len(a.errors), (min(100, draws - lo), len(a.errors)), generator=g)
+        ea, eb = a.errors[idx], b.errors[idx]  # (draws, N) squared errors of the same resampled noises
+        wins += int(((ea.sqrt().mean(1) < eb.sqrt().mean(1)) & (ea.mean(1) <= eb.mean(1))).sum())
+    return wins / draws
 
 
 NEAR = 1.25  # ``best``'s rule, and that of sampler=auto's table (scripts/bench_samplers.py --defaults)
@@ -88,6 +109,7 @@ class Calibration:
     kept: str
     scores: dict = field(default_factory=dict)
     candidates: dict = field(default_factory=dict)
+    confidence: float = 0.0  # the share of bootstrap draws of the validation noises in which the fit beat its base
 
 
 def bases(schedule, nfe: int, choices=None) -> dict[str, learned.LinearSolver]:
@@ -113,7 +135,7 @@ def score(denoiser_for, solver: learned.LinearSolver, z: Tensor, target: Tensor,
     se = learned.sample_errors(denoiser_for, solver, z, target, batch)  # (N,) per-sample mean squared error
     median = se.sqrt().median()
     tail = torch.where(se.sqrt() > OUTLIER * median, se, 0.0).mean().sqrt()
-    return Score(se.mean().sqrt().item(), se.sqrt().mean().item(), median.item(), tail.item())
+    return Score(se.mean().sqrt().item(), se.sqrt().mean().item(), median.item(), tail.item(), se)
 
 
 def check_time_gradient(denoise, x: Tensor, t: float = 0.4321, h: float = 1e-4) -> None:
@@ -138,7 +160,8 @@ def calibrate(denoise, schedule, noise_shape=None, steps=(10,), *, noise: Tensor
               target: Tensor | None = None, denoiser_for: Callable | None = None, samples: int = 1024, validation: int = 256, holdout: int = 256,
               reference_steps: int = 200, choices=None, method: str = "joint", iters: int = 500,
               lr: float = 1e-3, t_lr: float = 1e-2, batch: int = 256, learn_times: bool = True, seed: int = 0,
-              path_weight: float = 0.0, log: Callable[[str], None] | None = None) -> dict[int, Calibration]:
+              path_weight: float = 0.0, confidence: float = CONFIDENCE,
+              log: Callable[[str], None] | None = None) -> dict[int, Calibration]:
     """Fit a solver at each NFE of ``steps`` to the model behind ``denoise`` (``denoise(x, t) ->
     (x0_hat, noise_hat)``, differentiable in x, and in t to fit the times).
 
@@ -147,7 +170,8 @@ def calibrate(denoise, schedule, noise_shape=None, steps=(10,), *, noise: Tensor
     if already solved (``learned.reference``; another fit of the same pool). ``denoiser_for(idx)``: the denoiser
     for rows ``idx`` of the pool (per-row conditions); default ``denoise`` for all. ``choices``: the
     bases to try, ``[(label, sampler, grid)]`` (default: ``BASES`` x ``auto.GRIDS``). The rest is
-    ``learned.fit``'s; with ``path_weight`` > 0 the fit noises' reference solves are also recorded along the
+    ``learned.fit``'s; ``confidence``: the guard keeps the fit only if it beats its base on the validation noises
+    in at least this share of paired bootstrap draws (``confidence()``; 0: whenever it beats it there); with ``path_weight`` > 0 the fit noises' reference solves are also recorded along the
     way (``learned.trajectory``, one more solve of each) for its loss on the intermediate states. Returns
     ``{nfe: Calibration}``."""
     log = log or (lambda msg: None)
@@ -157,6 +181,8 @@ def calibrate(denoise, schedule, noise_shape=None, steps=(10,), *, noise: Tensor
         if noise_shape is None:
             raise DiffxError("calibrate needs noise_shape= (one sample's shape) or noise=")
         noise = torch.randn((total, *noise_shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    if not 0 <= confidence < 1:
+        raise DiffxError(f"confidence={confidence}: expected a share in [0, 1), e.g. 0.9 (0 keeps any fit that wins)")
     if len(noise) != total:
         raise DiffxError(f"noise has {len(noise)} rows; expected samples + validation + holdout = {total}")
     if learn_times and iters > 0:
@@ -176,7 +202,7 @@ def calibrate(denoise, schedule, noise_shape=None, steps=(10,), *, noise: Tensor
         smaller = out[max(out)] if out and choices is None else None  # the next smaller budget's result
         out[nfe] = _one_budget(schedule, nfe, pools, choices, batch, log,
                                dict(iters=iters, lr=lr, t_lr=t_lr, batch=batch, seed=seed, learn_times=learn_times,
-                                    method=method, path=path, path_weight=path_weight), smaller)
+                                    method=method, path=path, path_weight=path_weight), smaller, confidence)
     return out
 
 
@@ -199,7 +225,7 @@ def _pool(denoiser_for, noise: Tensor, target: Tensor, lo: int, hi: int) -> tupl
 
 
 def _one_budget(schedule, nfe: int, pools: dict, choices, batch: int, log, fit_options: dict,
-                smaller: Calibration | None = None) -> Calibration:
+                smaller: Calibration | None = None, level: float = CONFIDENCE) -> Calibration:
     """Score every base on the fit's and validation noises, fit from the ``best``, keep the better of the two.
 
     ``smaller``: the result at a smaller budget. Embedded into ``nfe`` calls (``embedding.embed``: the same
@@ -231,7 +257,12 @@ def _one_budget(schedule, nfe: int, pools: dict, choices, batch: int, log, fit_o
     held_for, held_z, held_target = pools["holdout"]
     solvers = {"base": base, "fit": fitted}
     scores = {"validation": {"base": base_val, "fit": score(val_for, fitted, val_z, val_target, batch)}}
-    kept = "fit" if fitted is not base and scores["validation"]["fit"].beats(base_val) else "base"
+    fit_val = scores["validation"]["fit"]
+    sure = confidence(fit_val, base_val) if fitted is not base else 0.0
+    kept = "fit" if fitted is not base and fit_val.beats(base_val) and sure >= level else "base"
+    if fit_val.beats(base_val) and kept == "base":
+        log(f"{nfe} NFE: the fit beats {label} on the validation noises in {sure:.0%} of bootstrap draws, "
+            f"under confidence={level:g}: the base is kept")
     if embedded is not None:
         solvers["smaller"] = smaller.solver
         scores["validation"]["smaller"] = score(val_for, embedded, val_z, val_target, batch)
@@ -241,4 +272,4 @@ def _one_budget(schedule, nfe: int, pools: dict, choices, batch: int, log, fit_o
                 "validation noises; it is kept")
     scores["holdout"] = {k: score(held_for, s, held_z, held_target, batch) for k, s in solvers.items()}
     solver = smaller.solver if kept == "smaller" or solvers[kept] is embedded else solvers[kept]
-    return Calibration(solver, label, kept, scores, {k: v[1] for k, v in candidates.items()})
+    return Calibration(solver, label, kept, scores, {k: v[1] for k, v in candidates.items()}, sure)
