@@ -42,6 +42,9 @@ def calibrate(cfg: DictConfig) -> list[Path]:
     weight = cfg.path_weight
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
         raise DiffxError(f"path_weight={weight}: expected a number >= 0 (0: endpoint loss only)")
+    share = cfg.freeze
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
+        raise DiffxError(f"freeze={share}: expected a share of the calls in [0, 1), e.g. 0.5 (0 fits them all)")
     sure = cfg.confidence
     if isinstance(sure, bool) or not isinstance(sure, (int, float)) or not 0 <= sure < 1:
         raise DiffxError(f"confidence={sure}: expected a share in [0, 1), e.g. 0.9 (0 keeps any fit that wins)")
@@ -68,7 +71,7 @@ def calibrate(cfg: DictConfig) -> list[Path]:
         validation=cfg.validation, holdout=cfg.holdout, reference_steps=cfg.reference_steps,
         choices=_choices(sampler, grid), method=cfg.method, iters=cfg.iters, lr=cfg.lr, t_lr=cfg.t_lr,
         batch=cfg.batch_size, learn_times=cfg.learn_times, seed=cfg.seed, path_weight=float(cfg.path_weight),
-        confidence=float(cfg.confidence),
+        freeze=float(cfg.freeze), confidence=float(cfg.confidence),
         log=lambda msg: console.print(escape(f"{msg}  ({time.time() - t0:.0f} s)")))
     for n, result in found.items():
         _write(cfg, ckpt, outs[n], result, console)
@@ -109,7 +112,7 @@ def _write(cfg: DictConfig, ckpt, out: Path, result: calibration.Calibration, co
     solver.meta = {**solver.meta, "nfe": solver.steps, "cfg": cfg.cfg, "ckpt": str(cfg.ckpt), "ckpt_step": ckpt.step,
                    "samples": cfg.samples, "validation": cfg.validation, "holdout": cfg.holdout, "iters": cfg.iters,
                    "method": cfg.method, "path_weight": float(cfg.path_weight), "seed": cfg.seed,
-                   "confidence": float(cfg.confidence), "fit_confidence": result.confidence,
+                   "freeze": float(cfg.freeze), "confidence": float(cfg.confidence), "fit_confidence": result.confidence,
                    "reference_steps": cfg.reference_steps, "kept": result.kept,
                    "holdout_rms_base": before.rms, "holdout_rms_fitted": after.rms,
                    "holdout_mean_base": before.mean, "holdout_mean_fitted": after.mean, "diffx_version": __version__}

@@ -179,7 +179,7 @@ def run_learned(case, gmm, z, budget, args):
                                                holdout=n_val, method=m, iters=args.calib_iters, batch=args.calib_batch,
                                                lr=args.calib_lr, t_lr=args.calib_t_lr, seed=args.seed,
                                                path_weight=args.calib_path_weight,
-                                               confidence=args.calib_confidence)
+                                               confidence=args.calib_confidence, freeze=args.calib_freeze)
                       for m in args.calib_methods}
     out = {}
     for method, found in _FITS[key].items():
@@ -437,6 +437,8 @@ def main(argv=None):
     p.add_argument("--calib-batch", type=int, default=4096)
     p.add_argument("--calib-confidence", type=float, default=calibration.CONFIDENCE,
                    help="the guard's share of bootstrap draws of the validation noises the fit must win (0: any win)")
+    p.add_argument("--calib-freeze", type=float, default=0.0,
+                   help="learned.fit's freeze: the share of the first calls whose points and times stay the base's")
     p.add_argument("--calib-path-weight", type=float, default=0.0,
                    help="learned.fit's path_weight: the loss on the intermediate states against the reference path")
     p.add_argument("--calib-methods", nargs="+", default=["joint"], choices=["staged", "joint", "lbfgs"],

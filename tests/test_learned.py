@@ -76,6 +76,24 @@ def test_fit_lowers_the_held_out_error_and_keeps_the_times_ordered(family, sched
     assert not torch.equal(fitted.ts, base.ts)
 
 
+@pytest.mark.parametrize("freeze,frozen", [(0.5, 3), (0.25, 2)])
+def test_a_frozen_fit_keeps_the_first_calls_points_and_times_and_fits_the_rest(freeze, frozen):
+    """freeze=0.5 of 6 calls: the first 3 query points (rows of C) and times stay the base's; the later
+    rows, the output and the later times move, stay ordered below the last frozen time, and lower the loss."""
+    obj = make_objective("flow", "linear")
+    den = _denoiser(obj, two_point_mixture, m=0.6, c=0.1)
+    base = learned.trace(samplers.unipc, obj.schedule, grids.uniform(6, obj.schedule))
+    z = _pool(512, 1)
+    ref = learned.reference(den, obj.schedule, z, steps=100)
+    fitted = learned.fit(lambda idx: den, base, z, ref, iters=100, lr=3e-3, batch=256, freeze=freeze)
+    assert torch.equal(fitted.C[:frozen], base.C[:frozen]) and torch.equal(fitted.ts[:frozen], base.ts[:frozen])
+    assert not torch.equal(fitted.C[frozen:], base.C[frozen:]) and not torch.equal(fitted.ts[frozen:], base.ts[frozen:])
+    assert bool((fitted.ts[1:] < fitted.ts[:-1]).all()) and fitted.ts[-1] > 0
+    assert learned.rms(lambda idx: den, fitted, z, ref) < learned.rms(lambda idx: den, base, z, ref)
+    with pytest.raises(DiffxError, match=r"freeze=1: expected a share of the calls in \[0, 1\)"):
+        learned.fit(lambda idx: den, base, z, ref, iters=1, freeze=1)
+
+
 def test_reference_matches_the_closed_form_ode_endpoint():
     """Gaussian data: the PF-ODE keeps (x - alpha mu) / sqrt(alpha^2 s^2 + sigma^2) fixed, so from pure
     noise z at t = 1 (flow: alpha = 0) it ends at mu + s z."""

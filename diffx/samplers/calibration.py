@@ -160,7 +160,7 @@ def calibrate(denoise, schedule, noise_shape=None, steps=(10,), *, noise: Tensor
               target: Tensor | None = None, denoiser_for: Callable | None = None, samples: int = 1024, validation: int = 256, holdout: int = 256,
               reference_steps: int = 200, choices=None, method: str = "joint", iters: int = 500,
               lr: float = 1e-3, t_lr: float = 1e-2, batch: int = 256, learn_times: bool = True, seed: int = 0,
-              path_weight: float = 0.0, confidence: float = CONFIDENCE,
+              path_weight: float = 0.0, freeze: float = 0.0, confidence: float = CONFIDENCE,
               log: Callable[[str], None] | None = None) -> dict[int, Calibration]:
     """Fit a solver at each NFE of ``steps`` to the model behind ``denoise`` (``denoise(x, t) ->
     (x0_hat, noise_hat)``, differentiable in x, and in t to fit the times).
@@ -169,11 +169,11 @@ def calibrate(denoise, schedule, noise_shape=None, steps=(10,), *, noise: Tensor
     last); default: standard normal of ``noise_shape`` from ``seed``. ``target``: their reference ODE endpoints,
     if already solved (``learned.reference``; another fit of the same pool). ``denoiser_for(idx)``: the denoiser
     for rows ``idx`` of the pool (per-row conditions); default ``denoise`` for all. ``choices``: the
-    bases to try, ``[(label, sampler, grid)]`` (default: ``BASES`` x ``auto.GRIDS``). The rest is
-    ``learned.fit``'s; ``confidence``: the guard keeps the fit only if it beats its base on the validation noises
-    in at least this share of paired bootstrap draws (``confidence()``; 0: whenever it beats it there); with ``path_weight`` > 0 the fit noises' reference solves are also recorded along the
-    way (``learned.trajectory``, one more solve of each) for its loss on the intermediate states. Returns
-    ``{nfe: Calibration}``."""
+    bases to try, ``[(label, sampler, grid)]`` (default: ``BASES`` x ``auto.GRIDS``). ``confidence``: the guard
+    keeps the fit only if it beats its base on the validation noises in at least this share of paired bootstrap
+    draws (``confidence()``; 0: whenever it beats it there). The rest is ``learned.fit``'s; with ``path_weight``
+    > 0 the fit noises' reference solves are also recorded along the way (``learned.trajectory``, one more
+    solve of each) for its loss on the intermediate states. Returns ``{nfe: Calibration}``."""
     log = log or (lambda msg: None)
     denoiser_for = denoiser_for or (lambda idx: denoise)
     total = samples + validation + holdout
@@ -202,7 +202,8 @@ def calibrate(denoise, schedule, noise_shape=None, steps=(10,), *, noise: Tensor
         smaller = out[max(out)] if out and choices is None else None  # the next smaller budget's result
         out[nfe] = _one_budget(schedule, nfe, pools, choices, batch, log,
                                dict(iters=iters, lr=lr, t_lr=t_lr, batch=batch, seed=seed, learn_times=learn_times,
-                                    method=method, path=path, path_weight=path_weight), smaller, confidence)
+                                    method=method, path=path, path_weight=path_weight, freeze=freeze), smaller,
+                               confidence)
     return out
 
 

@@ -226,7 +226,7 @@ METHODS = ("joint", "staged", "lbfgs")
 def fit(denoiser_for, solver: LinearSolver, z: Tensor, target: Tensor, iters: int = 500, lr: float = 1e-3,
         t_lr: float = 1e-2, batch: int = 1024, seed: int = 0, learn_times: bool = True, val=None,
         on_step=None, check_every: int = 0, method: str = "joint", path: Trajectory | None = None,
-        path_weight: float = 0.0) -> LinearSolver:
+        path_weight: float = 0.0, freeze: float = 0.0) -> LinearSolver:
     """Fit ``C`` and the call times to ``mean |rollout(z) - target|^2`` on the calibration pool (z, target),
     from ``solver`` (usually ``trace`` of a classical sampler). ``method``:
 
@@ -243,6 +243,11 @@ def fit(denoiser_for, solver: LinearSolver, z: Tensor, target: Tensor, iters: in
     call time: a few-step solver decides early which mode a sample goes to, and the endpoint loss sees that
     only through the rare samples that already went wrong (their gradient comes from the other side of a
     mode boundary); the path loss fits the early steps on every sample.
+
+    ``freeze``: the share of the first calls whose query points and call times stay the solver's (rounded to
+    a count): those early, high-noise steps decide which mode a sample ends in, so a fit of the later steps,
+    the output and their times alone repairs the typical sample's error (mostly the last steps'
+    extrapolation) while leaving the base's mode decisions, and so its flips, as they were.
 
     ``val = (val_denoiser_for, z_val, target_val)``: noises kept out of the fit. At every check (below) the
     current solver is scored on them and the one with the lowest RMS among those that also beat ``solver``'s
@@ -262,9 +267,11 @@ def fit(denoiser_for, solver: LinearSolver, z: Tensor, target: Tensor, iters: in
     """
     if method not in METHODS:
         raise DiffxError(f"method={method}: expected one of {', '.join(METHODS)}")
+    if not 0 <= freeze < 1:
+        raise DiffxError(f"freeze={freeze}: expected a share of the calls in [0, 1), e.g. 0.5 (0 fits them all)")
     if path_weight > 0 and path is None:
         raise DiffxError("path_weight > 0 needs path= (learned.trajectory of the calibration noises)")
-    params = _Params(solver, learn_times)
+    params = _Params(solver, learn_times, round(freeze * solver.steps))
     check_every = check_every or max(1, iters // 10)
     g = torch.Generator().manual_seed(seed)
 
@@ -309,21 +316,26 @@ def fit(denoiser_for, solver: LinearSolver, z: Tensor, target: Tensor, iters: in
 
 
 class _Params:
-    """What ``fit`` tunes: ``dC`` (masked lower-triangular) and the log-gaps ``u`` of the call times."""
+    """What ``fit`` tunes: ``dC`` (masked lower-triangular) and the log-gaps ``u`` of the call times after
+    the ``frozen`` first calls (whose query points and times stay the solver's; the first time always does)."""
 
-    def __init__(self, solver: LinearSolver, learn_times: bool):
+    def __init__(self, solver: LinearSolver, learn_times: bool, frozen: int = 0):
         self.ts0, self.C0 = solver.ts.to(torch.float64), solver.C.to(torch.float64)
+        self.k = max(1, min(frozen, len(self.ts0)))  # calls whose time stays: at least the first
         gaps = self.ts0 - torch.cat([self.ts0[1:], self.ts0.new_zeros(1)])
-        self.learn_times = learn_times and bool((gaps > 0).all())
+        self.learn_times = learn_times and bool((gaps > 0).all()) and self.k < len(self.ts0)
         self.mask = torch.tril(torch.ones_like(self.C0))
+        self.mask[:frozen] = 0  # the frozen calls' query points
         self.dC = torch.zeros_like(self.C0, requires_grad=True)
-        self.u = gaps.log().clone().requires_grad_(self.learn_times)
+        self.u = gaps[self.k - 1:].log().clone().requires_grad_(self.learn_times)
 
     def C(self) -> Tensor:
         return self.C0 + self.dC * self.mask
 
     def ts(self) -> Tensor:
-        return _times(self.ts0[0], self.u) if self.learn_times else self.ts0
+        if not self.learn_times:
+            return self.ts0
+        return torch.cat([self.ts0[:self.k], _times(self.ts0[self.k - 1], self.u)[1:]])
 
     def groups(self, c_rate: float, t_rate: float) -> list[dict]:
         return ([{"params": [self.dC], "lr": c_rate}] if c_rate > 0 else []) + \
