@@ -51,13 +51,24 @@ def test_fewer_calls_than_the_solver_is_a_one_line_error():
 def test_calibration_is_monotone_in_nfe_on_the_validation_noises():
     obj, _, den = _setup()
     found = calibration.calibrate(den, obj.schedule, noise_shape=(6,), steps=[3, 6], seed=0, **SMALL)
-    six = found[6]
-    assert "the 3-NFE result, embedded" in six.candidates
+    six, three = found[6], found[3]
     val = six.scores["validation"]
-    assert "smaller" in val and not val["smaller"].beats(val[six.kept])
-    assert six.solver.steps == (found[3].solver.steps if six.kept == "smaller" or six.base.endswith("embedded")
-                                and six.kept == "base" else 6)
-    assert "the 3-NFE result, embedded" not in found[3].candidates  # the smallest budget has none
+    assert "smaller" in val and not val["smaller"].beats(val[six.kept]) and "smaller" not in three.scores["validation"]
+    assert six.solver is three.solver if six.kept == "smaller" else six.solver.steps == 6
+    # scored embedded: the same sample as the 3-call solver, so the same score on the same noises
+    assert val["smaller"].rms == pytest.approx(three.scores["validation"][three.kept].rms, rel=1e-9)
+
+
+def test_a_smaller_budget_that_wins_is_kept_as_its_own_solver():
+    """With no fit at all (iters=0) at 3 and 6 NFE, the 6-NFE result is the 3-NFE one wherever that beats
+    the best 6-NFE base on the validation noises, and then costs 3 calls."""
+    obj, _, den = _setup("ddpm", "linear")
+    found = calibration.calibrate(den, obj.schedule, noise_shape=(6,), steps=[3, 6], iters=0,
+                                  **{k: v for k, v in SMALL.items() if k != "iters"})
+    val = found[6].scores["validation"]
+    assert (found[6].kept == "smaller") == val["smaller"].beats(val["base"])
+    if found[6].kept == "smaller":
+        assert found[6].solver.steps == 3 and found[6].scores["holdout"]["smaller"] is not None
 
 
 def test_a_named_base_gets_no_embedded_candidate():
