@@ -9,10 +9,10 @@ DDIM (first-order) step from the previous call's point,
 
 a linear combination of the earlier features, so still a row of C; and no later row reads its output
 (a zero column). The original rows are renumbered onto the new columns. So the embedded solver's output
-equals the m-call solver's on any model, and a fit started from it (``learned.fit``) starts where the
-m-call fit ended, with n - m calls free to be put to use: calibration over ``steps=[5, 10, 20]`` offers
-it as one more base at the larger budget, so that a budget's result is never worse on the validation
-noises than the smaller budget's (monotone in NFE by construction; ``diffx.samplers.calibration``).
+equals the m-call solver's on any model. Calibration over ``steps=[5, 10, 20]`` scores the smaller budget's
+result this way in the larger budget's calls and keeps it where it beats that budget's own result, so the
+results are never worse on the validation noises as the budget grows (monotone in NFE by construction;
+``diffx.samplers.calibration``).
 """
 
 from __future__ import annotations
