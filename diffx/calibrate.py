@@ -8,7 +8,9 @@ calibration noises (seeds from ``seed``, by default far from ``diffx sample``'s)
 with ``sampler=auto`` every deterministic sampler x grid is scored on the ``samples + validation`` noises (with a
 named sampler, that sampler on ``grid``), the fit (``method=staged|joint|lbfgs``) starts from the best
 (``calibration.best``: near the lowest RMS, the one that flips modes least), and the
-fit is kept only if it beats that base on the validation noises (else the base is). The errors of both on the
+fit (of the later ``1 - freeze`` of the calls) is kept only if it beats that base on the validation noises, in
+``confidence`` of bootstrap draws of them (else the base is; with several budgets, a smaller budget's result that
+beats both is kept instead). The errors of both on the
 ``holdout`` noises, used by neither, are printed and stored in the file. The fit is for this checkpoint, NFE and
 guidance scale (``cfg``, ``label`` / ``prompt``): sampling with another scale works but is not what it was tuned for.
 """
