@@ -44,12 +44,8 @@ def calibrate(cfg: DictConfig) -> list[Path]:
     weight = cfg.path_weight
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
         raise DiffxError(f"path_weight={weight}: expected a number >= 0 (0: endpoint loss only)")
-    share = cfg.freeze
-    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
-        raise DiffxError(f"freeze={share}: expected a share of the calls in [0, 1), e.g. 0.5 (0 fits them all)")
-    sure = cfg.confidence
-    if isinstance(sure, bool) or not isinstance(sure, (int, float)) or not 0 <= sure < 1:
-        raise DiffxError(f"confidence={sure}: expected a share in [0, 1), e.g. 0.9 (0 keeps any fit that wins)")
+    _check_share(cfg, "freeze", "a share of the calls in [0, 1), e.g. 0.5 (0 fits them all)")
+    _check_share(cfg, "confidence", "a share in [0, 1), e.g. 0.9 (0 keeps any fit that wins)")
     device = resolve_device(cfg.device)
     parts, ckpt = checkpoint.load(cfg.ckpt, device)
     parts.model.requires_grad_(False)  # only the solver's coefficients and times are fitted
@@ -78,6 +74,13 @@ def calibrate(cfg: DictConfig) -> list[Path]:
     for n, result in found.items():
         _write(cfg, ckpt, outs[n], result, console)
     return list(outs.values())
+
+
+def _check_share(cfg: DictConfig, key: str, expected: str) -> None:
+    """A one-line ``DiffxError`` unless ``cfg[key]`` is a number in [0, 1), checked before the costly solves."""
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise DiffxError(f"{key}={value}: expected {expected}")
 
 
 def _budgets(steps) -> list[int]:

@@ -12,8 +12,8 @@ from it; and the guard keeps the fit only if it beats that base on the validatio
 mean per-sample error and the global RMS, and does so in at least ``CONFIDENCE`` of paired bootstrap
 draws of them (``confidence``: a gain carried by one or two mode flips is not a gain). So the result is
 never worse there than the best untuned sampler at that NFE. With several budgets, the next smaller
-budget's result, scored embedded into this budget's calls with the same output
-(``diffx.samplers.embedding``), is kept where it beats this budget's kept solver on the validation
+budget's result (whose samples an embedding into this budget's calls, ``diffx.samplers.embedding``, gives
+exactly) is kept where it beats this budget's kept solver on the validation
 noises: the results are monotone in NFE there, by construction. The reference solves (the costly part) are shared
 by all budgets. The global RMS is carried by the few samples whose trajectory ends in another mode
 (README, Samplers); the per-sample mean and median much less, so all three are reported.
@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from diffx.errors import DiffxError
-from diffx.samplers import auto, embedding, learned
+from diffx.samplers import auto, learned
 from diffx.samplers.plan import name_of, steps_for_nfe
 
 # The deterministic samplers calibration starts from (name, options), on every grid of auto.GRIDS.
@@ -233,7 +233,8 @@ def _one_budget(schedule, nfe: int, pools: dict, choices, batch: int, log, fit_o
     """Score every base on the fit's and validation noises, fit from the ``best``, keep the better of the two.
 
     ``smaller``: the result at a smaller budget. Where it beats the kept solver on the validation noises
-    (``Score.beats``; scored embedded into ``nfe`` calls, ``embedding.embed``, the same output) it is kept
+    (``Score.beats``; its own scores there: embedded into ``nfe`` calls, ``embedding.embed``, it gives the same
+    samples) it is kept
     instead (``kept="smaller"``), as its own m-call solver: a budget's result is then never worse there than
     the smaller budget's. It is not a base to fit from: fitted on the fit's noises and chosen on the validation
     ones, it looks best to ``best`` there; offered as one, on the 64-D benchmark it was chosen at ddpm-cosine
@@ -266,13 +267,16 @@ def _one_budget(schedule, nfe: int, pools: dict, choices, batch: int, log, fit_o
         log(f"{nfe} NFE: the fit beats {label} on the validation noises in {sure:.0%} of bootstrap draws, "
             f"under confidence={level:g}: the base is kept")
     if smaller is not None and smaller.solver.steps < nfe:
+        # The same noises as this budget's, so its scores stand as they are (embedded into this budget's calls,
+        # ``embedding.embed``, it gives the same samples)
         solvers["smaller"] = smaller.solver
-        embedded = embedding.embed(smaller.solver, nfe, schedule)  # the same output in this budget's calls
-        scores["validation"]["smaller"] = score(val_for, embedded, val_z, val_target, batch)
+        scores["validation"]["smaller"] = smaller.scores["validation"][smaller.kept]
         if scores["validation"]["smaller"].beats(scores["validation"][kept]):
             kept = "smaller"
             log(f"{nfe} NFE: the {smaller.solver.steps}-NFE result beats this budget's {label} and its fit on the "
                 "validation noises; it is kept")
-    scores["holdout"] = {k: score(held_for, s, held_z, held_target, batch) for k, s in solvers.items()}
+    scores["holdout"] = {k: score(held_for, s, held_z, held_target, batch) for k, s in solvers.items() if k != "smaller"}
+    if "smaller" in solvers:
+        scores["holdout"]["smaller"] = smaller.scores["holdout"][smaller.kept]
     solver = solvers[kept]
     return Calibration(solver, label, kept, scores, {k: v[1] for k, v in candidates.items()}, sure)
