@@ -8,7 +8,8 @@ calibration noises (seeds from ``seed``, by default far from ``diffx sample``'s)
 with ``sampler=auto`` every deterministic sampler x grid is scored on the ``samples + validation`` noises (with a
 named sampler, that sampler on ``grid``), the fit (``method=staged|joint|lbfgs``) starts from the best
 (``calibration.best``: near the lowest RMS, the one that flips modes least), and the
-fit (of the later ``1 - freeze`` of the calls) is kept only if it beats that base on the validation noises, in
+fit (of the later ``1 - freeze`` of the calls; with ``freeze=[0,0.5]`` one fit each, the best that passes) is
+kept only if it beats that base on the validation noises, in
 ``confidence`` of bootstrap draws of them (else the base is; with several budgets, a smaller budget's result that
 beats both is kept instead). The errors of both on the
 ``holdout`` noises, used by neither, are printed and stored in the file. The fit is for this checkpoint, NFE and
@@ -44,7 +45,7 @@ def calibrate(cfg: DictConfig) -> list[Path]:
     weight = cfg.path_weight
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
         raise DiffxError(f"path_weight={weight}: expected a number >= 0 (0: endpoint loss only)")
-    _check_share(cfg, "freeze", "a share of the calls in [0, 1), e.g. 0.5 (0 fits them all)")
+    freeze = calibration.freezes(list(cfg.freeze) if OmegaConf.is_list(cfg.freeze) else cfg.freeze)
     _check_share(cfg, "confidence", "a share in [0, 1), e.g. 0.9 (0 keeps any fit that wins)")
     device = resolve_device(cfg.device)
     parts, ckpt = checkpoint.load(cfg.ckpt, device)
@@ -69,7 +70,7 @@ def calibrate(cfg: DictConfig) -> list[Path]:
         validation=cfg.validation, holdout=cfg.holdout, reference_steps=cfg.reference_steps,
         choices=_choices(sampler, grid), method=cfg.method, iters=cfg.iters, lr=cfg.lr, t_lr=cfg.t_lr,
         batch=cfg.batch_size, learn_times=cfg.learn_times, seed=cfg.seed, path_weight=float(cfg.path_weight),
-        freeze=float(cfg.freeze), confidence=float(cfg.confidence),
+        freeze=list(freeze), confidence=float(cfg.confidence),
         log=lambda msg: console.print(escape(f"{msg}  ({time.time() - t0:.0f} s)")))
     for n, result in found.items():
         _write(cfg, ckpt, outs[n], result, console)
@@ -117,7 +118,8 @@ def _write(cfg: DictConfig, ckpt, out: Path, result: calibration.Calibration, co
     solver.meta = {**solver.meta, "nfe": solver.steps, "cfg": cfg.cfg, "ckpt": str(cfg.ckpt), "ckpt_step": ckpt.step,
                    "samples": cfg.samples, "validation": cfg.validation, "holdout": cfg.holdout, "iters": cfg.iters,
                    "method": cfg.method, "path_weight": float(cfg.path_weight), "seed": cfg.seed,
-                   "freeze": float(cfg.freeze), "confidence": float(cfg.confidence), "fit_confidence": result.confidence,
+                   "freeze": result.freeze, "freezes_tried": sorted(result.fits), "confidence": float(cfg.confidence),
+                   "fit_confidence": result.confidence,
                    "reference_steps": cfg.reference_steps, "kept": result.kept,
                    "holdout_rms_base": before.rms, "holdout_rms_fitted": after.rms,
                    "holdout_mean_base": before.mean, "holdout_mean_fitted": after.mean, "diffx_version": __version__}

@@ -188,10 +188,11 @@ def run_learned(case, gmm, z, budget, args):
         x = result.solver(den, case.objective.schedule, z.clone())
         out[f"diffx learned {method} [auto base]"] = (x, den.nfe, None)
         val = result.scores["validation"]
-        print(f"- {case.name}, {budget} NFE, {method}: base {result.base}, kept the {result.kept} (the fit won "
-              f"{result.confidence:.0%} of bootstrap draws); validation per-sample "
-              f"mean {val['base'].mean:.2e} (base) / {val['fit'].mean:.2e} (fit), RMS {val['base'].rms:.2e} / {val['fit'].rms:.2e}",
-              flush=True)
+        tried = "; ".join(f"freeze={f:g}: RMS {sc.rms:.2e}, mean {sc.mean:.2e}, won {c:.0%}" for f, (sc, c) in result.fits.items())
+        print(f"- {case.name}, {budget} NFE, {method}: base {result.base}, kept the {result.kept} (the fit, freeze="
+              f"{result.freeze}, won {result.confidence:.0%} of bootstrap draws); validation per-sample "
+              f"mean {val['base'].mean:.2e} (base) / {val['fit'].mean:.2e} (fit), RMS {val['base'].rms:.2e} / "
+              f"{val['fit'].rms:.2e}; fits on validation: {tried}", flush=True)
     return out
 
 
@@ -437,8 +438,9 @@ def main(argv=None):
     p.add_argument("--calib-batch", type=int, default=4096)
     p.add_argument("--calib-confidence", type=float, default=calibration.CONFIDENCE,
                    help="the guard's share of bootstrap draws of the validation noises the fit must win (0: any win)")
-    p.add_argument("--calib-freeze", type=float, default=0.0,
-                   help="learned.fit's freeze: the share of the first calls whose points and times stay the base's")
+    p.add_argument("--calib-freeze", nargs="+", type=float, default=[0.0],
+                   help="learned.fit's freeze: the share of the first calls whose points and times stay the base's; "
+                        "several: one fit each, the best that passes the guard on validation kept")
     p.add_argument("--calib-path-weight", type=float, default=0.0,
                    help="learned.fit's path_weight: the loss on the intermediate states against the reference path")
     p.add_argument("--calib-methods", nargs="+", default=["joint"], choices=["staged", "joint", "lbfgs"],

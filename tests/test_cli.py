@@ -8,6 +8,8 @@ import subprocess
 import pytest
 from PIL import Image
 
+from diffx.samplers import learned
+
 # `make test` installs diffx, so the command must be there: a missing one fails, it does not skip.
 DIFFX = shutil.which("diffx") or "diffx"
 
@@ -90,10 +92,12 @@ def test_calibrate_then_sample_with_the_fitted_solver(trained):
     cwd, run = trained
     ckpt = run / "model.safetensors"
     args = ["calibrate", f"ckpt={ckpt}", "sampler=unipc", "steps=4", "samples=16", "validation=8", "holdout=8", "iters=3",
-            "batch_size=8", "reference_steps=8"]
+            "batch_size=8", "reference_steps=8", "freeze=[0.5,0]"]
     proc = diffx(*args, cwd=cwd)
     solver = run / "solver_unipc_4.safetensors"
     assert solver.is_file() and "held-out RMS endpoint error" in proc.stdout
+    meta = learned.load(solver).meta
+    assert meta["freezes_tried"] == [0.0, 0.5] and meta["freeze"] in (0.0, 0.5)  # a fit from each share, one chosen
     again = diffx(*args, cwd=cwd, check=False)
     assert again.returncode == 1 and "already exists" in again.stderr and len(again.stderr.strip().splitlines()) == 1
     proc = diffx("sample", f"ckpt={ckpt}", "sampler=learned", f"sampler.path={solver}", "n=2", "out=learned",
@@ -104,7 +108,8 @@ def test_calibrate_then_sample_with_the_fitted_solver(trained):
 
 
 @pytest.mark.parametrize("override,expect", [("sampler=ddpm", "deterministic sampler"),
-                                             ("holdout=0", "holdout"), ("learn_times=maybe", "learn_times")])
+                                             ("holdout=0", "holdout"), ("learn_times=maybe", "learn_times"),
+                                             ("freeze=[0,1]", "freeze=[0, 1]: expected a share")])
 def test_calibrate_bad_input_is_one_line(trained, override, expect):
     cwd, run = trained
     proc = diffx("calibrate", f"ckpt={run / 'model.safetensors'}", override, cwd=cwd, check=False)

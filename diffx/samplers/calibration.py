@@ -10,8 +10,9 @@ the validation noises: no base is tuned, so none is favoured, and the rare mode 
 RMS need thousands of noises to be counted --, and ``best`` picks one; the fit (``learned.fit``) starts
 from it; and the guard keeps the fit only if it beats that base on the validation noises on both the
 mean per-sample error and the global RMS, and does so in at least ``CONFIDENCE`` of paired bootstrap
-draws of them (``confidence``: a gain carried by one or two mode flips is not a gain). So the result is
-never worse there than the best untuned sampler at that NFE. With several budgets, the next smaller
+draws of them (``confidence``: a gain carried by one or two mode flips is not a gain). With several
+``freeze`` shares, one fit is made from each and the guard's survivor with the lowest validation RMS is kept.
+So the result is never worse there than the best untuned sampler at that NFE. With several budgets, the next smaller
 budget's result (whose samples an embedding into this budget's calls, ``diffx.samplers.embedding``, gives
 exactly) is kept where it beats this budget's kept solver on the validation
 noises: the results are monotone in NFE there, by construction. The reference solves (the costly part) are shared
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -66,6 +67,16 @@ class Score:
 # (0.92-0.97x); README, Samplers. scripts/bench_samplers.py fits all calls unless told (--calib-freeze).
 FREEZE = 0.5
 CONFIDENCE = 0.9  # the guard's default: the fit must beat its base in this share of bootstrap draws
+
+
+def freezes(freeze) -> tuple[float, ...]:
+    """``freeze`` (a share, or several to fit each and keep the best that passes the guard) as sorted shares,
+    each in [0, 1); a one-line ``DiffxError`` otherwise."""
+    values = list(freeze) if isinstance(freeze, (list, tuple)) else [freeze]
+    if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1 for v in values):
+        raise DiffxError(f"freeze={freeze}: expected a share of the calls in [0, 1), e.g. 0.5 (0 fits them all), "
+                         "or a list of them, e.g. [0,0.5]")
+    return tuple(sorted(set(float(v) for v in values)))
 
 
 def confidence(a: Score, b: Score, draws: int = 1000, seed: int = 0) -> float:
@@ -113,6 +124,8 @@ class Calibration:
     scores: dict = field(default_factory=dict)
     candidates: dict = field(default_factory=dict)
     confidence: float = 0.0  # the share of bootstrap draws of the validation noises in which the fit beat its base
+    freeze: float | None = None  # the ``freeze`` of the fit in ``scores`` (of several, the one chosen); None: no fit
+    fits: dict = field(default_factory=dict)  # every fit's {freeze: (validation Score, confidence)}
 
 
 def bases(schedule, nfe: int, choices=None) -> dict[str, learned.LinearSolver]:
@@ -163,7 +176,7 @@ def calibrate(denoise, schedule, noise_shape=None, steps=(10,), *, noise: Tensor
               target: Tensor | None = None, denoiser_for: Callable | None = None, samples: int = 1024, validation: int = 256, holdout: int = 256,
               reference_steps: int = 200, choices=None, method: str = "joint", iters: int = 500,
               lr: float = 1e-3, t_lr: float = 1e-2, batch: int = 256, learn_times: bool = True, seed: int = 0,
-              path_weight: float = 0.0, freeze: float = FREEZE, confidence: float = CONFIDENCE,
+              path_weight: float = 0.0, freeze: float | Sequence[float] = FREEZE, confidence: float = CONFIDENCE,
               log: Callable[[str], None] | None = None) -> dict[int, Calibration]:
     """Fit a solver at each NFE of ``steps`` to the model behind ``denoise`` (``denoise(x, t) ->
     (x0_hat, noise_hat)``, differentiable in x, and in t to fit the times).
@@ -174,7 +187,10 @@ def calibrate(denoise, schedule, noise_shape=None, steps=(10,), *, noise: Tensor
     for rows ``idx`` of the pool (per-row conditions); default ``denoise`` for all. ``choices``: the
     bases to try, ``[(label, sampler, grid)]`` (default: ``BASES`` x ``auto.GRIDS``). ``confidence``: the guard
     keeps the fit only if it beats its base on the validation noises in at least this share of paired bootstrap
-    draws (``confidence()``; 0: whenever it beats it there). The rest is ``learned.fit``'s; with ``path_weight``
+    draws (``confidence()``; 0: whenever it beats it there). ``freeze``: ``learned.fit``'s share of frozen first
+    calls, or several (e.g. ``[0, 0.5]``): one fit each, and of those that pass the guard the one with the lowest
+    validation RMS is kept (``Calibration.freeze``; every fit's score in ``Calibration.fits``). The rest is
+    ``learned.fit``'s; with ``path_weight``
     > 0 the fit noises' reference solves are also recorded along the way (``learned.trajectory``, one more
     solve of each) for its loss on the intermediate states. Returns ``{nfe: Calibration}``."""
     log = log or (lambda msg: None)
@@ -186,6 +202,7 @@ def calibrate(denoise, schedule, noise_shape=None, steps=(10,), *, noise: Tensor
         noise = torch.randn((total, *noise_shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
     if not 0 <= confidence < 1:
         raise DiffxError(f"confidence={confidence}: expected a share in [0, 1), e.g. 0.9 (0 keeps any fit that wins)")
+    freezes(freeze)  # a bad share fails before the reference solves
     if len(noise) != total:
         raise DiffxError(f"noise has {len(noise)} rows; expected samples + validation + holdout = {total}")
     if learn_times and iters > 0:
@@ -255,17 +272,25 @@ def _one_budget(schedule, nfe: int, pools: dict, choices, batch: int, log, fit_o
     def step_log(i, loss):
         log(f"{nfe} NFE: fit {i + 1}/{fit_options['iters']}  train RMS {loss ** 0.5:.3e}")
 
-    fitted = learned.fit(fit_for, base, fit_z, fit_target, on_step=step_log, val=pools["validation"], **fit_options) \
-        if fit_options["iters"] > 0 else base
-    held_for, held_z, held_target = pools["holdout"]
-    solvers = {"base": base, "fit": fitted}
-    scores = {"validation": {"base": base_val, "fit": score(val_for, fitted, val_z, val_target, batch)}}
-    fit_val = scores["validation"]["fit"]
-    sure = confidence(fit_val, base_val) if fitted is not base else 0.0
-    kept = "fit" if fitted is not base and fit_val.beats(base_val) and sure >= level else "base"
+    fits = {}  # freeze -> (fitted solver, its validation score, the share of bootstrap draws it beats the base in)
+    for share in (freezes(fit_options["freeze"]) if fit_options["iters"] > 0 else ()):
+        fitted = learned.fit(fit_for, base, fit_z, fit_target, on_step=step_log, val=pools["validation"],
+                             **{**fit_options, "freeze": share})
+        fit_val = score(val_for, fitted, val_z, val_target, batch)
+        fits[share] = (fitted, fit_val, confidence(fit_val, base_val))
+        log(f"{nfe} NFE: fit (freeze={share:g}) on the validation noises: {fit_val}; beats {label} in "
+            f"{fits[share][2]:.0%} of bootstrap draws")
+    # The guard, per fit; of the fits that pass it, the lowest validation RMS (then per-sample mean)
+    passing = [f for f, (_, s, sure) in fits.items() if s.beats(base_val) and sure >= level]
+    chosen = min(passing or fits, key=lambda f: (fits[f][1].rms, fits[f][1].mean), default=None)
+    fitted, fit_val, sure = fits[chosen] if fits else (base, base_val, 0.0)
+    kept = "fit" if passing else "base"
     if fit_val.beats(base_val) and kept == "base":
         log(f"{nfe} NFE: the fit beats {label} on the validation noises in {sure:.0%} of bootstrap draws, "
             f"under confidence={level:g}: the base is kept")
+    held_for, held_z, held_target = pools["holdout"]
+    solvers = {"base": base, "fit": fitted}
+    scores = {"validation": {"base": base_val, "fit": fit_val}}
     if smaller is not None and smaller.solver.steps < nfe:
         # The same noises as this budget's, so its scores stand as they are (embedded into this budget's calls,
         # ``embedding.embed``, it gives the same samples)
@@ -279,4 +304,5 @@ def _one_budget(schedule, nfe: int, pools: dict, choices, batch: int, log, fit_o
     if "smaller" in solvers:
         scores["holdout"]["smaller"] = smaller.scores["holdout"][smaller.kept]
     solver = solvers[kept]
-    return Calibration(solver, label, kept, scores, {k: v[1] for k, v in candidates.items()}, sure)
+    return Calibration(solver, label, kept, scores, {k: v[1] for k, v in candidates.items()}, sure, chosen,
+                       {f: (s, c) for f, (_, s, c) in fits.items()})
