@@ -170,9 +170,9 @@ def test_the_guard_keeps_a_fit_only_at_the_asked_confidence():
         calibration.calibrate(den, obj.schedule, noise_shape=(6,), steps=[4], confidence=1, **SMALL)
 
 
-def test_several_freezes_fit_each_and_keep_the_lowest_rms_that_passes_the_guard(monkeypatch):
+def test_several_freezes_fit_each_and_keep_the_lowest_mean_that_passes_the_guard(monkeypatch):
     """freeze=[0.5, 0]: one fit per share, each the same as a calibration with that share alone; of those that
-    beat the base at the asked confidence, the one with the lowest validation RMS is kept."""
+    beat the base at the asked confidence, the one with the lowest per-sample mean on validation is kept."""
     obj, model, den = _setup()
     run = dict(noise_shape=(6,), steps=[6], seed=0, confidence=0.0, **SMALL)
     both = calibration.calibrate(den, obj.schedule, freeze=[0.5, 0], **run)[6]
@@ -183,7 +183,7 @@ def test_several_freezes_fit_each_and_keep_the_lowest_rms_that_passes_the_guard(
     base = both.scores["validation"]["base"]
     passing = {f: s for f, (s, sure) in both.fits.items() if s.beats(base)}
     assert len(passing) == 2  # both fits win here, so the choice between them is exercised
-    assert both.kept == "fit" and both.freeze == min(passing, key=lambda f: (passing[f].rms, passing[f].mean))
+    assert both.kept == "fit" and both.freeze == min(passing, key=lambda f: (passing[f].mean, passing[f].rms))
     assert both.scores["validation"]["fit"] == both.fits[both.freeze][0]
     monkeypatch.setattr(learned, "reference", lambda *a: pytest.fail("solved before checking freeze"))
     with pytest.raises(DiffxError, match=r"freeze=\[0, 1\]: expected a share of the calls in \[0, 1\)"):
