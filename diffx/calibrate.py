@@ -70,7 +70,7 @@ def calibrate(cfg: DictConfig) -> list[Path]:
         validation=cfg.validation, holdout=cfg.holdout, reference_steps=cfg.reference_steps,
         choices=_choices(sampler, grid), method=cfg.method, iters=cfg.iters, lr=cfg.lr, t_lr=cfg.t_lr,
         batch=cfg.batch_size, learn_times=cfg.learn_times, seed=cfg.seed, path_weight=float(cfg.path_weight),
-        freeze=list(freeze), confidence=float(cfg.confidence),
+        freeze=freeze, confidence=float(cfg.confidence),
         log=lambda msg: console.print(escape(f"{msg}  ({time.time() - t0:.0f} s)")))
     for n, result in found.items():
         _write(cfg, ckpt, outs[n], result, console)

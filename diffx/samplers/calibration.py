@@ -203,7 +203,7 @@ def calibrate(denoise, schedule, noise_shape=None, steps=(10,), *, noise: Tensor
         noise = torch.randn((total, *noise_shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
     if not 0 <= confidence < 1:
         raise DiffxError(f"confidence={confidence}: expected a share in [0, 1), e.g. 0.9 (0 keeps any fit that wins)")
-    freezes(freeze)  # a bad share fails before the reference solves
+    freeze = freezes(freeze)  # sorted shares; a bad one fails before the reference solves
     if len(noise) != total:
         raise DiffxError(f"noise has {len(noise)} rows; expected samples + validation + holdout = {total}")
     if learn_times and iters > 0:
@@ -274,7 +274,7 @@ def _one_budget(schedule, nfe: int, pools: dict, choices, batch: int, log, fit_o
         log(f"{nfe} NFE: fit {i + 1}/{fit_options['iters']}  train RMS {loss ** 0.5:.3e}")
 
     fits = {}  # freeze -> (fitted solver, its validation score, the share of bootstrap draws it beats the base in)
-    for share in (freezes(fit_options["freeze"]) if fit_options["iters"] > 0 else ()):
+    for share in (fit_options["freeze"] if fit_options["iters"] > 0 else ()):  # calibrate's ``freezes``
         fitted = learned.fit(fit_for, base, fit_z, fit_target, on_step=step_log, val=pools["validation"],
                              **{**fit_options, "freeze": share})
         fit_val = score(val_for, fitted, val_z, val_target, batch)
