@@ -8,7 +8,8 @@ calibration noises (seeds from ``seed``, by default far from ``diffx sample``'s)
 with ``sampler=auto`` every deterministic sampler x grid is scored on the ``samples + validation`` noises (with a
 named sampler, that sampler on ``grid``), the fit (``method=staged|joint|lbfgs``) starts from the best
 (``calibration.best``: near the lowest RMS, the one that flips modes least), and the
-fit (of the later ``1 - freeze`` of the calls; with ``freeze=[0,0.5]`` one fit each, the best that passes) is
+fit (of the later ``1 - freeze`` of the calls; with lists, ``freeze=[0,0.5]`` or ``method=[joint,lbfgs]``, one
+fit for each method and share, the best that passes) is
 kept only if it beats that base on the validation noises, in
 ``confidence`` of bootstrap draws of them (else the base is; with several budgets, a smaller budget's result that
 beats both is kept instead). The errors of both on the
@@ -40,8 +41,7 @@ def calibrate(cfg: DictConfig) -> list[Path]:
     if cfg.ckpt is None:
         raise DiffxError("ckpt is required: diffx calibrate ckpt=runs/<run>/model.safetensors")
     budgets = _budgets(cfg.steps)
-    if cfg.method not in learned.METHODS:
-        raise DiffxError(f"method={cfg.method}: expected one of {', '.join(learned.METHODS)}")
+    method = calibration.methods(list(cfg.method) if OmegaConf.is_list(cfg.method) else cfg.method)
     weight = cfg.path_weight
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
         raise DiffxError(f"path_weight={weight}: expected a number >= 0 (0: endpoint loss only)")
@@ -68,7 +68,7 @@ def calibrate(cfg: DictConfig) -> list[Path]:
     found = calibration.calibrate(
         None, schedule, steps=budgets, noise=z, denoiser_for=denoiser_for, samples=cfg.samples,
         validation=cfg.validation, holdout=cfg.holdout, reference_steps=cfg.reference_steps,
-        choices=_choices(sampler, grid), method=cfg.method, iters=cfg.iters, lr=cfg.lr, t_lr=cfg.t_lr,
+        choices=_choices(sampler, grid), method=method, iters=cfg.iters, lr=cfg.lr, t_lr=cfg.t_lr,
         batch=cfg.batch_size, learn_times=cfg.learn_times, seed=cfg.seed, path_weight=float(cfg.path_weight),
         freeze=freeze, confidence=float(cfg.confidence),
         log=lambda msg: console.print(escape(f"{msg}  ({time.time() - t0:.0f} s)")))
@@ -117,8 +117,8 @@ def _write(cfg: DictConfig, ckpt, out: Path, result: calibration.Calibration, co
     before, after = held["base"], held[result.kept]
     solver.meta = {**solver.meta, "nfe": solver.steps, "cfg": cfg.cfg, "ckpt": str(cfg.ckpt), "ckpt_step": ckpt.step,
                    "samples": cfg.samples, "validation": cfg.validation, "holdout": cfg.holdout, "iters": cfg.iters,
-                   "method": cfg.method, "path_weight": float(cfg.path_weight), "seed": cfg.seed,
-                   "freeze": result.freeze, "freezes_tried": sorted(result.fits), "confidence": float(cfg.confidence),
+                   "method": result.method, "path_weight": float(cfg.path_weight), "seed": cfg.seed,
+                   "freeze": result.freeze, "fits_tried": [f"{m} freeze={f:g}" for m, f in result.fits], "confidence": float(cfg.confidence),
                    "fit_confidence": result.confidence,
                    "reference_steps": cfg.reference_steps, "kept": result.kept,
                    "holdout_rms_base": before.rms, "holdout_rms_fitted": after.rms,

@@ -38,6 +38,7 @@ import torch
 from scipy.integrate import solve_ivp
 
 from diffx import grids, samplers, schedules
+from diffx.errors import DiffxError
 from diffx.samplers import auto, calibration, learned
 from diffx.objectives import DDPM, Flow
 from diffx.time_sampling import uniform as uniform_t
@@ -176,7 +177,7 @@ def run_learned(case, gmm, z, budget, args):
         target = calibration.references(lambda idx: den, case.objective.schedule, pool, 200, args.calib_batch)
         _FITS[key] = {m: calibration.calibrate(den, case.objective.schedule, steps=args.learned_nfe, noise=pool,
                                                target=target, samples=args.calib_samples, validation=n_val,
-                                               holdout=n_val, method=m, iters=args.calib_iters, batch=args.calib_batch,
+                                               holdout=n_val, method=m.split(","), iters=args.calib_iters, batch=args.calib_batch,
                                                lr=args.calib_lr, t_lr=args.calib_t_lr, seed=args.seed,
                                                path_weight=args.calib_path_weight,
                                                confidence=args.calib_confidence, freeze=args.calib_freeze)
@@ -188,9 +189,10 @@ def run_learned(case, gmm, z, budget, args):
         x = result.solver(den, case.objective.schedule, z.clone())
         out[f"diffx learned {method} [auto base]"] = (x, den.nfe, None)
         val = result.scores["validation"]
-        tried = "; ".join(f"freeze={f:g}: RMS {sc.rms:.2e}, mean {sc.mean:.2e}, won {c:.0%}" for f, (sc, c) in result.fits.items())
-        print(f"- {case.name}, {budget} NFE, {method}: base {result.base}, kept the {result.kept} (the fit, freeze="
-              f"{result.freeze}, won {result.confidence:.0%} of bootstrap draws); validation per-sample "
+        tried = "; ".join(f"{m} freeze={f:g}: RMS {sc.rms:.2e}, mean {sc.mean:.2e}, won {c:.0%}"
+                          for (m, f), (sc, c) in result.fits.items())
+        print(f"- {case.name}, {budget} NFE, {method}: base {result.base}, kept the {result.kept} (the fit, "
+              f"{result.method} freeze={result.freeze}, won {result.confidence:.0%} of bootstrap draws); validation per-sample "
               f"mean {val['base'].mean:.2e} (base) / {val['fit'].mean:.2e} (fit), RMS {val['base'].rms:.2e} / "
               f"{val['fit'].rms:.2e}; fits on validation: {tried}", flush=True)
     return out
@@ -443,8 +445,9 @@ def main(argv=None):
                         "several: one fit each, the best that passes the guard on validation kept")
     p.add_argument("--calib-path-weight", type=float, default=0.0,
                    help="learned.fit's path_weight: the loss on the intermediate states against the reference path")
-    p.add_argument("--calib-methods", nargs="+", default=["joint"], choices=["staged", "joint", "lbfgs"],
-                   help="learned.fit methods to compare, one row each")
+    p.add_argument("--calib-methods", nargs="+", default=["joint"],
+                   help="learned.fit methods to compare (staged, joint, lbfgs), one row each; joint,lbfgs: one "
+                        "calibration that fits with each and keeps the best that passes the guard")
     p.add_argument("--no-peers", action="store_true", help="diffx only: skip diffusers and k-diffusion")
     p.add_argument("--defaults", action="store_true",
                    help="only the deterministic diffx samplers x grids over --seeds mixtures: sampler=auto's table")
@@ -452,6 +455,11 @@ def main(argv=None):
     p.add_argument("--check-reference", action="store_true",
                    help="only the calibration's reference solve (learned.reference) against DOP853, per sample")
     args = p.parse_args(argv)
+    try:
+        for m in args.calib_methods:
+            calibration.methods(m.split(","))  # a bad name fails before any solve
+    except DiffxError as e:
+        p.error(str(e))
     warnings.filterwarnings("ignore", category=FutureWarning)  # diffusers' deprecation notes
     torch.set_num_threads(1)  # tiny tensors: threads only add contention
     torch.set_flush_denormal(True)  # exp(-large) in the mixture posterior would crawl through subnormals

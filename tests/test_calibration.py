@@ -170,21 +170,27 @@ def test_the_guard_keeps_a_fit_only_at_the_asked_confidence():
         calibration.calibrate(den, obj.schedule, noise_shape=(6,), steps=[4], confidence=1, **SMALL)
 
 
-def test_several_freezes_fit_each_and_keep_the_lowest_mean_that_passes_the_guard(monkeypatch):
-    """freeze=[0.5, 0]: one fit per share, each the same as a calibration with that share alone; of those that
-    beat the base at the asked confidence, the one with the lowest per-sample mean on validation is kept."""
+def test_several_freezes_and_methods_fit_each_and_keep_the_lowest_mean_that_passes_the_guard(monkeypatch):
+    """freeze=[0.5, 0], method=[joint, lbfgs]: one fit per method and share, each the same as a calibration with
+    that pair alone; of those that beat the base at the asked confidence, the lowest per-sample mean on validation
+    is kept."""
     obj, model, den = _setup()
     run = dict(noise_shape=(6,), steps=[6], seed=0, confidence=0.0, **SMALL)
-    both = calibration.calibrate(den, obj.schedule, freeze=[0.5, 0], **run)[6]
-    assert set(both.fits) == {0.0, 0.5}
-    for share in (0.0, 0.5):
-        alone = calibration.calibrate(den, obj.schedule, freeze=share, **run)[6]
-        assert alone.fits[share][0] == both.fits[share][0] and alone.freeze == share
+    both = calibration.calibrate(den, obj.schedule, freeze=[0.5, 0], method=["joint", "lbfgs"], **run)[6]
+    pairs = {(m, f) for m in ("joint", "lbfgs") for f in (0.0, 0.5)}
+    assert set(both.fits) == pairs
+    for method, share in pairs:
+        alone = calibration.calibrate(den, obj.schedule, freeze=share, method=method, **run)[6]
+        assert alone.fits[method, share][0] == both.fits[method, share][0]
+        assert (alone.method, alone.freeze) == (method, share)
     base = both.scores["validation"]["base"]
-    passing = {f: s for f, (s, sure) in both.fits.items() if s.beats(base)}
-    assert len(passing) == 2  # both fits win here, so the choice between them is exercised
-    assert both.kept == "fit" and both.freeze == min(passing, key=lambda f: (passing[f].mean, passing[f].rms))
-    assert both.scores["validation"]["fit"] == both.fits[both.freeze][0]
-    monkeypatch.setattr(learned, "reference", lambda *a: pytest.fail("solved before checking freeze"))
+    passing = {k: s for k, (s, sure) in both.fits.items() if s.beats(base)}
+    assert len(passing) >= 2  # several fits win here, so the choice between them is exercised
+    assert both.kept == "fit"
+    assert (both.method, both.freeze) == min(passing, key=lambda k: (passing[k].mean, passing[k].rms))
+    assert both.scores["validation"]["fit"] == both.fits[both.method, both.freeze][0]
+    monkeypatch.setattr(learned, "reference", lambda *a: pytest.fail("solved before checking freeze and method"))
     with pytest.raises(DiffxError, match=r"freeze=\[0, 1\]: expected a share of the calls in \[0, 1\)"):
         calibration.calibrate(den, obj.schedule, freeze=[0, 1], **run)
+    with pytest.raises(DiffxError, match=r"method=\['joint', 'adam'\]: expected one of joint, staged, lbfgs"):
+        calibration.calibrate(den, obj.schedule, method=["joint", "adam"], **run)

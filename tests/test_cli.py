@@ -92,12 +92,13 @@ def test_calibrate_then_sample_with_the_fitted_solver(trained):
     cwd, run = trained
     ckpt = run / "model.safetensors"
     args = ["calibrate", f"ckpt={ckpt}", "sampler=unipc", "steps=4", "samples=16", "validation=8", "holdout=8", "iters=3",
-            "batch_size=8", "reference_steps=8", "freeze=[0.5,0]"]
+            "batch_size=8", "reference_steps=8", "freeze=[0.5,0]", "method=[joint,lbfgs]"]
     proc = diffx(*args, cwd=cwd)
     solver = run / "solver_unipc_4.safetensors"
     assert solver.is_file() and "held-out RMS endpoint error" in proc.stdout
     meta = learned.load(solver).meta
-    assert meta["freezes_tried"] == [0.0, 0.5] and meta["freeze"] in (0.0, 0.5)  # a fit from each share, one chosen
+    assert meta["fits_tried"] == [f"{m} freeze={f}" for m in ("joint", "lbfgs") for f in (0, 0.5)]  # one chosen:
+    assert meta["method"] in ("joint", "lbfgs") and meta["freeze"] in (0.0, 0.5)
     again = diffx(*args, cwd=cwd, check=False)
     assert again.returncode == 1 and "already exists" in again.stderr and len(again.stderr.strip().splitlines()) == 1
     proc = diffx("sample", f"ckpt={ckpt}", "sampler=learned", f"sampler.path={solver}", "n=2", "out=learned",
@@ -109,7 +110,8 @@ def test_calibrate_then_sample_with_the_fitted_solver(trained):
 
 @pytest.mark.parametrize("override,expect", [("sampler=ddpm", "deterministic sampler"),
                                              ("holdout=0", "holdout"), ("learn_times=maybe", "learn_times"),
-                                             ("freeze=[0,1]", "freeze=[0, 1]: expected a share")])
+                                             ("freeze=[0,1]", "freeze=[0, 1]: expected a share"),
+                                             ("method=[joint,adam]", "expected one of joint, staged, lbfgs")])
 def test_calibrate_bad_input_is_one_line(trained, override, expect):
     cwd, run = trained
     proc = diffx("calibrate", f"ckpt={run / 'model.safetensors'}", override, cwd=cwd, check=False)

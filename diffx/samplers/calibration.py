@@ -11,8 +11,8 @@ RMS need thousands of noises to be counted --, and ``best`` picks one; the fit (
 from it; and the guard keeps the fit only if it beats that base on the validation noises on both the
 mean per-sample error and the global RMS, and does so in at least ``CONFIDENCE`` of paired bootstrap
 draws of them (``confidence``: a gain carried by one or two mode flips is not a gain). With several
-``freeze`` shares, one fit is made from each and the guard's survivor with the lowest per-sample mean error on
-the validation noises is kept.
+``freeze`` shares or fit ``method``s, one fit is made from each pair and the guard's survivor with the lowest
+per-sample mean error on the validation noises is kept.
 So the result is never worse there than the best untuned sampler at that NFE. With several budgets, the next smaller
 budget's result (whose samples an embedding into this budget's calls, ``diffx.samplers.embedding``, gives
 exactly) is kept where it beats this budget's kept solver on the validation
@@ -80,6 +80,16 @@ def freezes(freeze) -> tuple[float, ...]:
     return tuple(sorted(set(float(v) for v in values)))
 
 
+def methods(method) -> tuple[str, ...]:
+    """``method`` (one of ``learned.METHODS``, or several to fit each and keep the best that passes the guard) as a
+    tuple in the order given; a one-line ``DiffxError`` otherwise."""
+    values = list(method) if isinstance(method, (list, tuple)) else [method]
+    if not values or not all(isinstance(v, str) and v in learned.METHODS for v in values):
+        raise DiffxError(f"method={method}: expected one of {', '.join(learned.METHODS)}, or a list of them, "
+                         "e.g. [joint,lbfgs]")
+    return tuple(dict.fromkeys(values))
+
+
 def confidence(a: Score, b: Score, draws: int = 1000, seed: int = 0) -> float:
     """The share of ``draws`` paired bootstrap resamples of the noises (Efron 1979; the same resampled noises
     for both) on which ``a`` beats ``b`` (``Score.beats``). Where a few mode flips carry the global RMS (e.g.
@@ -126,7 +136,8 @@ class Calibration:
     candidates: dict = field(default_factory=dict)
     confidence: float = 0.0  # the share of bootstrap draws of the validation noises in which the fit beat its base
     freeze: float | None = None  # the ``freeze`` of the fit in ``scores`` (of several, the one chosen); None: no fit
-    fits: dict = field(default_factory=dict)  # every fit's {freeze: (validation Score, confidence)}
+    method: str | None = None  # the ``method`` of that fit
+    fits: dict = field(default_factory=dict)  # every fit's {(method, freeze): (validation Score, confidence)}
 
 
 def bases(schedule, nfe: int, choices=None) -> dict[str, learned.LinearSolver]:
@@ -175,7 +186,7 @@ def check_time_gradient(denoise, x: Tensor, t: float = 0.4321, h: float = 1e-4) 
 
 def calibrate(denoise, schedule, noise_shape=None, steps=(10,), *, noise: Tensor | None = None,
               target: Tensor | None = None, denoiser_for: Callable | None = None, samples: int = 1024, validation: int = 256, holdout: int = 256,
-              reference_steps: int = 200, choices=None, method: str = "joint", iters: int = 500,
+              reference_steps: int = 200, choices=None, method: str | Sequence[str] = "joint", iters: int = 500,
               lr: float = 1e-3, t_lr: float = 1e-2, batch: int = 256, learn_times: bool = True, seed: int = 0,
               path_weight: float = 0.0, freeze: float | Sequence[float] = FREEZE, confidence: float = CONFIDENCE,
               log: Callable[[str], None] | None = None) -> dict[int, Calibration]:
@@ -189,9 +200,10 @@ def calibrate(denoise, schedule, noise_shape=None, steps=(10,), *, noise: Tensor
     bases to try, ``[(label, sampler, grid)]`` (default: ``BASES`` x ``auto.GRIDS``). ``confidence``: the guard
     keeps the fit only if it beats its base on the validation noises in at least this share of paired bootstrap
     draws (``confidence()``; 0: whenever it beats it there). ``freeze``: ``learned.fit``'s share of frozen first
-    calls, or several (e.g. ``[0, 0.5]``): one fit each, and of those that pass the guard the one with the lowest
-    per-sample mean error on the validation noises is kept (``Calibration.freeze``; every fit's score in ``Calibration.fits``). The rest is
-    ``learned.fit``'s; with ``path_weight``
+    calls, or several (e.g. ``[0, 0.5]``); ``method``: ``learned.fit``'s, or several (e.g. ``["joint", "lbfgs"]``):
+    one fit for each method and share, and of those that pass the guard the one with the lowest per-sample mean
+    error on the validation noises is kept (``Calibration.method`` and ``.freeze``; every fit's score in
+    ``Calibration.fits``). The rest is ``learned.fit``'s; with ``path_weight``
     > 0 the fit noises' reference solves are also recorded along the way (``learned.trajectory``, one more
     solve of each) for its loss on the intermediate states. Returns ``{nfe: Calibration}``."""
     log = log or (lambda msg: None)
@@ -203,7 +215,7 @@ def calibrate(denoise, schedule, noise_shape=None, steps=(10,), *, noise: Tensor
         noise = torch.randn((total, *noise_shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
     if not 0 <= confidence < 1:
         raise DiffxError(f"confidence={confidence}: expected a share in [0, 1), e.g. 0.9 (0 keeps any fit that wins)")
-    freeze = freezes(freeze)  # sorted shares; a bad one fails before the reference solves
+    freeze, method = freezes(freeze), methods(method)  # a bad one fails before the reference solves
     if len(noise) != total:
         raise DiffxError(f"noise has {len(noise)} rows; expected samples + validation + holdout = {total}")
     if learn_times and iters > 0:
@@ -273,14 +285,15 @@ def _one_budget(schedule, nfe: int, pools: dict, choices, batch: int, log, fit_o
     def step_log(i, loss):
         log(f"{nfe} NFE: fit {i + 1}/{fit_options['iters']}  train RMS {loss ** 0.5:.3e}")
 
-    fits = {}  # freeze -> (fitted solver, its validation score, the share of bootstrap draws it beats the base in)
-    for share in (fit_options["freeze"] if fit_options["iters"] > 0 else ()):  # calibrate's ``freezes``
+    fits = {}  # (method, freeze) -> (fitted solver, its validation score, the share of bootstrap draws it beats the base in)
+    recipes = [(m, f) for m in fit_options["method"] for f in fit_options["freeze"]] if fit_options["iters"] > 0 else []
+    for method, share in recipes:  # calibrate's ``methods`` x ``freezes``
         fitted = learned.fit(fit_for, base, fit_z, fit_target, on_step=step_log, val=pools["validation"],
-                             **{**fit_options, "freeze": share})
+                             **{**fit_options, "method": method, "freeze": share})
         fit_val = score(val_for, fitted, val_z, val_target, batch)
-        fits[share] = (fitted, fit_val, confidence(fit_val, base_val))
-        log(f"{nfe} NFE: fit (freeze={share:g}) on the validation noises: {fit_val}; beats {label} in "
-            f"{fits[share][2]:.0%} of bootstrap draws")
+        fits[method, share] = (fitted, fit_val, confidence(fit_val, base_val))
+        log(f"{nfe} NFE: fit (method={method}, freeze={share:g}) on the validation noises: {fit_val}; beats {label} "
+            f"in {fits[method, share][2]:.0%} of bootstrap draws")
     # The guard, per fit; of the fits that pass it, the lowest per-sample mean on the validation noises (then RMS):
     # past the guard, the RMS difference between two fits is a few mode flips, which 8,192 validation noises
     # count too noisily to rank them by (on the 64-D benchmark it picked the worse of two fits on fresh noises,
@@ -308,5 +321,6 @@ def _one_budget(schedule, nfe: int, pools: dict, choices, batch: int, log, fit_o
     if "smaller" in solvers:
         scores["holdout"]["smaller"] = smaller.scores["holdout"][smaller.kept]
     solver = solvers[kept]
-    return Calibration(solver, label, kept, scores, {k: v[1] for k, v in candidates.items()}, sure, chosen,
+    method, share = chosen or (None, None)
+    return Calibration(solver, label, kept, scores, {k: v[1] for k, v in candidates.items()}, sure, share, method,
                        {f: (s, c) for f, (_, s, c) in fits.items()})
