@@ -25,18 +25,19 @@ SAMPLERS = {"ddim": single.ddim, "euler": single.euler, "heun": single.heun, "dp
 GRIDS = {"uniform": grids.uniform, "karras": grids.karras, "logsnr": grids.logsnr}
 
 # kind -> [(up to NFE, sampler, its options, grid)], read off `python scripts/bench_samplers.py --defaults
-# --dim 64 --nfe 5 10 15 20 30 --n 1024 --seeds 0 1 2 --cases ...` (three 64-D mixtures, README "Samplers"; the
-# DDPM rows' first end from a run that also had --nfe 7, where uniform still won): at each
-# NFE, among the pairs within 1.25x of the lowest geometric-mean RMS, the one with the lowest mean
-# per-sample error (`calibration.NEAR`), merged into ranges: each row holds up to its NFE.
+# --dim 64 --nfe 5 10 15 20 30 --n 4096 --seeds 0 1 2 --cases ...` (three 64-D mixtures, README "Samplers"): at each
+# NFE, among the pairs within 1.25x of the lowest geometric-mean RMS, the one with the lowest mean per-sample error
+# (`calibration.NEAR`), merged into ranges: each row holds up to its NFE. The DDPM rows' first end is from an
+# earlier run (n 1024) that also had --nfe 7, where uniform still won.
 TABLE: dict[str, list[tuple[float, str, dict, str]]] = {
     "ddpm-linear": [(7, "unipc", {"order": 3}, "uniform"), (15, "unipc", {"order": 3}, "logsnr"),
-                    (math.inf, "ipndm", {}, "logsnr")],
+                    (20, "ipndm", {}, "logsnr"), (math.inf, "unipc", {"order": 3}, "karras")],
     "ddpm-cosine": [(7, "unipc", {"order": 3}, "uniform"), (15, "ipndm", {}, "logsnr"),
-                    (math.inf, "unipc", {}, "logsnr")],
-    "flow-linear": [(10, "unipc", {}, "uniform"), (15, "ipndm", {}, "logsnr"), (math.inf, "ipndm", {}, "uniform")],
+                    (20, "unipc", {"order": 3}, "logsnr"), (math.inf, "ipndm", {}, "logsnr")],
+    "flow-linear": [(10, "unipc", {"order": 3}, "uniform"), (15, "ipndm", {}, "logsnr"),
+                    (20, "ipndm", {}, "karras"), (math.inf, "ipndm", {}, "uniform")],
     "flow-cosine": [(10, "unipc", {"order": 3}, "uniform"), (15, "ipndm", {}, "logsnr"),
-                    (math.inf, "unipc", {}, "logsnr")],
+                    (20, "unipc", {"order": 3}, "logsnr"), (math.inf, "unipc", {"order": 3}, "karras")],
 }
 
 # The schedules the table was measured on, by the name the table uses.
