@@ -2,6 +2,9 @@
 samplers x grids, the result never loses to it on the validation noises, budgets share one reference."""
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,6 +139,17 @@ def test_an_unknown_method_is_a_one_line_error():
     z = torch.zeros(4, 6, dtype=torch.float64)
     with pytest.raises(DiffxError, match="method=adamw: expected one of joint, staged, lbfgs"):
         learned.fit(lambda idx: den, base, z, z, iters=1, method="adamw")
+
+
+def test_a_method_list_keeps_its_order_and_a_bad_entry_fails_before_any_solve():
+    assert calibration.methods("lbfgs") == ("lbfgs",)
+    assert calibration.methods(["lbfgs", "joint", "lbfgs"]) == ("lbfgs", "joint")
+    for bad in ([], ["joint", "adam"], [3]):
+        with pytest.raises(DiffxError, match=r"^method=.*expected one of joint, staged, lbfgs, or a list"):
+            calibration.methods(bad)
+    bench = Path(__file__).parents[1] / "scripts" / "bench_samplers.py"
+    out = subprocess.run([sys.executable, str(bench), "--calib-methods", "joint,adam"], capture_output=True, text=True)
+    assert out.returncode == 2 and "method=['joint', 'adam']: expected one of" in out.stderr
 
 
 def _score(errors):
