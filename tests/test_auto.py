@@ -109,12 +109,14 @@ class _Mixture(torch.nn.Module):
 def test_auto_is_within_1_5x_of_the_best_untuned_pair_at_5_10_20_nfe(family, schedule):
     """Issue #16's goal, re-measured here: on the benchmark's three mixtures (seeds 0-2, as
     `scripts/bench_samplers.py --defaults` draws them) against the model's own accurate solve, the geometric
-    mean RMS of auto's pair is within 1.5x of the best deterministic sampler x grid at 5, 10 and 20 NFE."""
+    mean RMS of auto's pair is within 1.5x of the best deterministic sampler x grid at 5, 10 and 20 NFE. At 4,096
+    noises per mixture, as the table was read: at 20 NFE the RMS is a few mode flips, which 1,024 noises count
+    too noisily (there the table's pairs and their neighbours swap ranks by 2x and more between noise sets)."""
     obj = make_objective(family, schedule)
     logs: dict = {}
     for seed in (0, 1, 2):
         den = samplers.make_denoiser(_Mixture(obj, seed=seed), obj)
-        z = torch.randn(1024, 64, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+        z = torch.randn(4096, 64, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
         target = learned.reference(den, obj.schedule, z, 500)
         for nfe in (5, 10, 20):
             for label, solver in calibration.bases(obj.schedule, nfe).items():
