@@ -177,8 +177,9 @@ def run_learned(case, gmm, z, budget, args):
         target = calibration.references(lambda idx: den, case.objective.schedule, pool, 200, args.calib_batch)
         _FITS[key] = {m: calibration.calibrate(den, case.objective.schedule, steps=args.learned_nfe, noise=pool,
                                                target=target, samples=args.calib_samples, validation=n_val,
-                                               holdout=n_val, method=m.split(","), iters=args.calib_iters, batch=args.calib_batch,
-                                               lr=args.calib_lr, t_lr=args.calib_t_lr, seed=args.seed,
+                                               holdout=n_val, method=m.split(","), iters=args.calib_iters,
+                                               batch=args.calib_batch, lr=args.calib_lr, t_lr=args.calib_t_lr,
+                                               seed=args.seed,
                                                path_weight=args.calib_path_weight,
                                                confidence=args.calib_confidence, freeze=args.calib_freeze)
                       for m in args.calib_methods}
@@ -192,9 +193,9 @@ def run_learned(case, gmm, z, budget, args):
         tried = "; ".join(f"{m} freeze={f:g}: RMS {sc.rms:.2e}, mean {sc.mean:.2e}, won {c:.0%}"
                           for (m, f), (sc, c) in result.fits.items())
         print(f"- {case.name}, {budget} NFE, {method}: base {result.base}, kept the {result.kept} (the fit, "
-              f"{result.method} freeze={result.freeze}, won {result.confidence:.0%} of bootstrap draws); validation per-sample "
-              f"mean {val['base'].mean:.2e} (base) / {val['fit'].mean:.2e} (fit), RMS {val['base'].rms:.2e} / "
-              f"{val['fit'].rms:.2e}; fits on validation: {tried}", flush=True)
+              f"{result.method} freeze={result.freeze}, won {result.confidence:.0%} of bootstrap draws); validation "
+              f"per-sample mean {val['base'].mean:.2e} (base) / {val['fit'].mean:.2e} (fit), RMS "
+              f"{val['base'].rms:.2e} / {val['fit'].rms:.2e}; fits on validation: {tried}", flush=True)
     return out
 
 

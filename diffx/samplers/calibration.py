@@ -285,7 +285,7 @@ def _one_budget(schedule, nfe: int, pools: dict, choices, batch: int, log, fit_o
     def step_log(i, loss):
         log(f"{nfe} NFE: fit {i + 1}/{fit_options['iters']}  train RMS {loss ** 0.5:.3e}")
 
-    fits = {}  # (method, freeze) -> (fitted solver, its validation score, the share of bootstrap draws it beats the base in)
+    fits = {}  # (method, freeze) -> (fitted solver, its validation score, share of bootstrap draws beating the base)
     recipes = [(m, f) for m in fit_options["method"] for f in fit_options["freeze"]] if fit_options["iters"] > 0 else []
     for method, share in recipes:  # calibrate's ``methods`` x ``freezes``
         fitted = learned.fit(fit_for, base, fit_z, fit_target, on_step=step_log, val=pools["validation"],
