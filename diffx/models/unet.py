@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from diffx.errors import DiffxError
 from diffx.models.layers import (Attention, GuidanceEmbedder, LabelEmbedder, TimestepEmbedder, conditioning_vector,
                                  heads_for, sincos_2d)
+from diffx.models.upsample import Upsample
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -117,17 +118,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(x)
-
-
-class Upsample(nn.Module):
-    """Double the resolution: nearest neighbour, then a 3x3 conv (avoids transposed-conv checkerboards)."""
-
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class UNet(nn.Module):
