@@ -30,17 +30,24 @@ from torch.utils.flop_counter import FlopCounterMode
 from diffx import allocator
 from diffx.models.mmdit import MMDiT
 from diffx.models.unet import UNet
+from diffx.models.upsample import Upsample
 
 
-def unet_pair(size: int, width: int, smoke: bool, channels_last: bool = True):
+def unet_pair(size: int, width: int, smoke: bool, channels_last: bool = True, upsample_interpolate: bool = False):
     """diffx's UNet (labels) vs UNet2DModel (class embeddings), widths (w, 2w, 2w), attention at the two
     lower levels, one ResBlock per level. diffx's UNet as its config builds it (channels_last, the
-    default of conf/model/unet.yaml); ``--diffx-nchw`` / ``--diffusers-nhwc`` show the other layouts."""
+    default of conf/model/unet.yaml); ``--diffx-nchw`` / ``--diffusers-nhwc`` show the other layouts,
+    ``--diffx-upsample-interpolate`` diffx's upsampling computed as diffusers does it (interpolate, then the
+    3x3 conv) instead of as one 2x2 conv on the low-resolution map (``diffx.models.upsample``)."""
     from diffusers import UNet2DModel
 
     w = 16 if smoke else width
     ours = UNet(in_channels=3, image_size=size, num_classes=10, channels=w, channel_mult=(1, 2, 2), num_res_blocks=1,
                 attn_resolutions=(size // 2, size // 4), heads=4, channels_last=channels_last)
+    if upsample_interpolate:
+        for m in ours.modules():
+            if isinstance(m, Upsample):  # the same weights, the textbook computation
+                m.forward = lambda x, m=m: m.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
     theirs = UNet2DModel(sample_size=size, in_channels=3, out_channels=3, layers_per_block=1,
                          block_out_channels=(w, 2 * w, 2 * w), norm_num_groups=8, attention_head_dim=2 * w // 4,
                          down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
@@ -82,11 +89,13 @@ PAIRS = {"unet": (unet_pair, 32, 64), "mmdit": (mmdit_pair, 32, 384)}  # name ->
 
 
 def _pair(name: str, args):
-    """The named pair at its benchmark size, diffx's UNet in the layout ``--diffx-nchw`` asks for, its MMDiT
-    with the GELU ``--diffx-gelu-tanh`` asks for."""
+    """The named pair at its benchmark size, diffx's UNet in the layout ``--diffx-nchw`` and with the upsampling
+    ``--diffx-upsample-interpolate`` ask for, its MMDiT with the GELU ``--diffx-gelu-tanh`` asks for."""
     build, size, width = PAIRS[name]
-    options = {"channels_last": not args.diffx_nchw} if name == "unet" else \
-        {"gelu_approximate": "tanh" if args.diffx_gelu_tanh else "none"}
+    if name == "unet":
+        options = {"channels_last": not args.diffx_nchw, "upsample_interpolate": args.diffx_upsample_interpolate}
+    else:
+        options = {"gelu_approximate": "tanh" if args.diffx_gelu_tanh else "none"}
     return build(size, width, args.smoke, **options)
 
 
@@ -195,6 +204,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny models, to check that it runs")
     parser.add_argument("--profile", action="store_true", help="per-op profile of one training step instead")
     parser.add_argument("--diffx-nchw", action="store_true", help="diffx's UNet with model.channels_last=false")
+    parser.add_argument("--diffx-upsample-interpolate", action="store_true",
+                        help="diffx's UNet upsampling as interpolate + 3x3 conv (the computation it replaced)")
     parser.add_argument("--diffx-gelu-tanh", action="store_true",
                         help="diffx's MMDiT with SD3's tanh GELU (model.gelu_approximate=tanh)")
     parser.add_argument("--default-malloc", action="store_true",

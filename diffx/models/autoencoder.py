@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from diffx.errors import DiffxError
 from diffx.models.layers import Attention
-from diffx.models.unet import Downsample, Upsample, zero_init
+from diffx.models.unet import Downsample, zero_init
+from diffx.models.upsample import Upsample
 
 # ldm's DiagonalGaussianDistribution clamps log sigma^2 here, so exp() neither overflows nor underflows.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0

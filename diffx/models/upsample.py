@@ -10,7 +10,7 @@ After a nearest 2x upsampling every output pixel (2i+a, 2j+b), phase (a, b) in {
 the phases gives the 2H x 2W map: the same function to float round-off (the summed taps), with
 16 multiply-adds per input pixel and channel pair instead of 36 (the "sub-pixel" view of a resize-
 convolution, Shi et al. 2016; Aitken et al. 2017). The weights stay the 3x3 kernel, so checkpoints
-are unchanged. Measured: README, "Training speed against diffusers"; ``tests/test_models.py`` checks
+are unchanged. Measured: README, "Training speed against diffusers"; ``tests/test_upsample.py`` checks
 the output and the gradients against ``F.interpolate`` and ``F.conv2d``.
 """
 
@@ -34,7 +34,7 @@ class Upsample(nn.Module):
         if _nhwc(w):  # the model's memory order (UNet channels_last), which the conv's output then takes
             k = k.contiguous(memory_format=torch.channels_last)
         z = F.conv2d(x, k, bias.repeat(4), padding=1)  # (B, 4C, H+1, W+1)
-        return _Interleave.apply(z)  # (B, C, 2H, 2W), in x's memory order
+        return _Interleave.apply(z)  # (B, C, 2H, 2W), in z's memory order
 
 
 def _phase_kernels(w: Tensor) -> Tensor:
