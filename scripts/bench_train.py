@@ -211,12 +211,16 @@ def main() -> None:
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's allocator as it is (by default both models share train.keep_freed_memory's "
                              "setting, so page faults, which vary from step to step, do not decide the ratio)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="on the CPU too, both models in bf16 autocast (train.mixed_precision=bf16; the matmul peak "
+                             "is then bf16's: on a CPU with AMX, several times float32's)")
     parser.add_argument("--diffusers-nhwc", action="store_true", help="diffusers' models in channels_last too")
     args = parser.parse_args()
     kept = not args.default_malloc and allocator.keep_freed_memory()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    bf16 = device.type == "cuda" or args.bf16
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     args.peak = matmul_peak(device, dtype) / 1e9
     print(f"device {device}, {dtype}, {torch.get_num_threads()} threads; matmul peak {args.peak:.1f} GFLOP/s; "
           f"freed host memory {'kept for reuse' if kept else 'returned (glibc default)'}")
