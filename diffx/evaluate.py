@@ -32,7 +32,7 @@ from omegaconf import DictConfig, ListConfig
 from rich.console import Console
 from rich.table import Table
 
-from diffx import captions, checkpoint, holdout
+from diffx import captions, checkpoint, holdout, precision
 from diffx import shapes as shape_rules
 from diffx.atomic import atomic_write
 from diffx.errors import DiffxError
@@ -48,9 +48,11 @@ def evaluate(cfg: DictConfig) -> dict:
     if cfg.ckpt is None:
         raise DiffxError("ckpt is required: diffx eval ckpt=runs/<run>/model.safetensors")
     device = resolve_device(cfg.device)
+    precision.check(cfg.precision)
     names = _metric_names(cfg.metrics)
     sample_metrics = [m for m in names if m != PROMPT_ACCURACY]
     parts, ckpt = checkpoint.load(cfg.ckpt, device)
+    parts = precision.apply(parts, cfg.precision, device)
     data = ckpt.parts.get("data", {})
     scored = PROMPT_ACCURACY in names
     shapes, colors = _vocabulary(data, cfg.ckpt) if scored else ((), ())

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from rich.console import Console
 
-from diffx import checkpoint, noise
+from diffx import checkpoint, noise, precision
 from diffx.atomic import atomic_write
 from diffx.errors import DiffxError
 from diffx.generate import Request, check_guidance, generate, resolve_device, sampling_plan, start_noise
@@ -37,7 +37,9 @@ def interpolate(cfg: DictConfig) -> list[Path]:
     if cfg.ckpt is None:
         raise DiffxError("ckpt is required: diffx interpolate ckpt=runs/<run>/model.safetensors seeds=[0,1]")
     device = resolve_device(cfg.device)
+    precision.check(cfg.precision)
     parts, ckpt = checkpoint.load(cfg.ckpt, device)
+    parts = precision.apply(parts, cfg.precision, device)
     check_guidance(cfg.cfg, parts, cfg.ckpt)
     plan = sampling_plan(cfg, parts.objective.schedule, ckpt.sampling)
     check_plan(plan)

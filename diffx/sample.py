@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 from rich.console import Console
 
-from diffx import checkpoint
+from diffx import checkpoint, precision
 from diffx.errors import DiffxError
 from diffx.generate import (Request, check_guidance, generate, guidance_options, image_start, resolve_device,
                             sampling_plan)
@@ -30,7 +30,12 @@ def sample(cfg: DictConfig) -> list[Path]:
     if cfg.ckpt is None:
         raise DiffxError("ckpt is required: diffx sample ckpt=runs/<run>/model.safetensors")
     device = resolve_device(cfg.device)
+    precision.check(cfg.precision)
+    if cfg.uncertainty.enabled and cfg.precision != "fp32":
+        raise DiffxError(f"precision={cfg.precision} with uncertainty.enabled=true: the variance propagation runs in "
+                         "float32; use precision=fp32")
     parts, ckpt = checkpoint.load(cfg.ckpt, device)
+    parts = precision.apply(parts, cfg.precision, device)
     check_guidance(cfg.cfg, parts, cfg.ckpt)
     console = Console()
 

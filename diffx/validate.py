@@ -183,6 +183,10 @@ def _check_sample(cfg: DictConfig, numbers=_SAMPLE_NUMBERS):
         raise DiffxError(f"device={cfg.device}: CUDA is not available here; use device=cpu or device=auto")
     if cfg.ckpt is None:
         raise DiffxError("ckpt is required: diffx sample ckpt=runs/<run>/model.safetensors")
+    if "precision" in cfg:
+        from diffx import precision
+
+        precision.check(cfg.precision)
     for key in ("sampler", "grid"):
         check_params(cfg[key], key)
     # Header and metadata only: a wrong or corrupt file fails before any weight is read. Whether the
