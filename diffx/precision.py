@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from diffx.build import Parts
 from diffx.errors import DiffxError
+from diffx.generate import takes_guidance
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -44,8 +45,7 @@ class Autocast(nn.Module):
     def __init__(self, model: nn.Module, device_type: str, dtype: torch.dtype):
         super().__init__()
         self.inner, self.device_type, self.dtype = model, device_type, dtype
-        inner = getattr(model, "net", model)
-        self.guidance_embed = bool(getattr(inner, "guidance_embed", False))
+        self.guidance_embed = takes_guidance(model)
 
     def forward(self, x: Tensor, t: Tensor, cond: dict | None = None) -> Tensor:
         with torch.autocast(self.device_type, dtype=self.dtype):

@@ -102,3 +102,41 @@ def test_fp16_steps_the_loss_scaler_skips_are_not_a_divergence(tmp_path, monkeyp
                 "train.steps=40", "train.log_every=1", "train.mixed_precision=fp16", f"run_dir={tmp_path / 'run'}"]))
     norms = [json.loads(line)["grad_norm"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert norms[0] == 0 and norms[-1] > 0 and all(n >= 0 and n < float("inf") for n in norms)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_upsample_on_cuda_matches_interpolate_then_conv(dtype):
+    """``diffx.models.upsample``'s phase conv and interleave on CUDA (cuDNN, both memory orders)."""
+    import torch.nn.functional as F
+
+    from diffx.models.upsample import Upsample
+
+    gen = torch.Generator().manual_seed(0)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        layer = Upsample(16).cuda().to(memory_format=layout)
+        x = torch.randn(2, 16, 8, 8, generator=gen).cuda().contiguous(memory_format=layout).requires_grad_()
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            ours, ref = layer(x), layer.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(ours.float(), ref.float(), rtol=0, atol=tol * ref.abs().max().item())
+        g = torch.randn(ours.shape, generator=gen).cuda()
+        got, want = (torch.autograd.grad(y, (x, layer.conv.weight), g.to(y.dtype)) for y in (ours, ref))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=tol * b.abs().max().item())
+
+
+def test_precision_bf16_sampling_on_cuda():
+    """``precision=bf16``'s autocast wrapper on CUDA: float32 out, close to the float32 network's."""
+    from diffx import precision
+    from diffx.build import Parts
+    from diffx.models.unet import UNet
+
+    model = UNet(3, 8, num_classes=3, channels=8, channel_mult=(1, 2), attn_resolutions=(4,)).cuda().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        x, t, cond = torch.randn(4, 3, 8, 8, device="cuda"), torch.rand(4, device="cuda"), {"label": torch.tensor([0, 1, 2, -1], device="cuda")}
+        want = model(x, t, cond)
+        got = precision.apply(Parts(model, None, None), "bf16", torch.device("cuda")).model(x, t, cond)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0.05 * want.abs().max().item())
