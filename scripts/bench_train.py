@@ -7,7 +7,7 @@ each (after ``--warmup`` steps), so that load drift on a shared machine hits bot
 median ratio of images/s (diffx / diffusers) with its min-max over rounds, the achieved GFLOP/s of each
 (FLOPs of one step counted once with ``torch.utils.flop_counter``) and that as a fraction of a matmul
 peak measured in the same run (MFU). The same for one sampling call (forward, no grad). On CUDA the
-models run in bf16 autocast; on the CPU in float32. Both share glibc's allocator setting, freed memory kept
+models run in bf16 autocast; on the CPU in float32, or with ``--bf16`` in bf16 autocast too. Both share glibc's allocator setting, freed memory kept
 for reuse (``train.keep_freed_memory``; ``--default-malloc``: glibc's default, whose page faults vary by step).
 
     OMP_NUM_THREADS=2 python scripts/bench_train.py                   # both pairs, 7 rounds
