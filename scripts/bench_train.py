@@ -7,8 +7,9 @@ each (after ``--warmup`` steps), so that load drift on a shared machine hits bot
 median ratio of images/s (diffx / diffusers) with its min-max over rounds, the achieved GFLOP/s of each
 (FLOPs of one step counted once with ``torch.utils.flop_counter``) and that as a fraction of a matmul
 peak measured in the same run (MFU). The same for one sampling call (forward, no grad). On CUDA the
-models run in bf16 autocast; on the CPU in float32, or with ``--bf16`` in bf16 autocast too. Both share glibc's allocator setting, freed memory kept
-for reuse (``train.keep_freed_memory``; ``--default-malloc``: glibc's default, whose page faults vary by step).
+models run in bf16 autocast; on the CPU in float32, or with ``--bf16`` in bf16 autocast too. Both share
+glibc's allocator setting, freed memory kept for reuse (``train.keep_freed_memory``; ``--default-malloc``:
+glibc's default, whose page faults vary by step).
 
     OMP_NUM_THREADS=2 python scripts/bench_train.py                   # both pairs, 7 rounds
     python scripts/bench_train.py --pairs unet --rounds 3 --steps 3   # quicker
@@ -212,8 +213,8 @@ def main() -> None:
                         help="leave glibc's allocator as it is (by default both models share train.keep_freed_memory's "
                              "setting, so page faults, which vary from step to step, do not decide the ratio)")
     parser.add_argument("--bf16", action="store_true",
-                        help="on the CPU too, both models in bf16 autocast (train.mixed_precision=bf16; the matmul peak "
-                             "is then bf16's: on a CPU with AMX, several times float32's)")
+                        help="on the CPU too, both models in bf16 autocast (train.mixed_precision=bf16; the matmul "
+                             "peak is then bf16's: on a CPU with AMX, several times float32's)")
     parser.add_argument("--diffusers-nhwc", action="store_true", help="diffusers' models in channels_last too")
     args = parser.parse_args()
     kept = not args.default_malloc and allocator.keep_freed_memory()

@@ -135,7 +135,8 @@ def test_precision_bf16_sampling_on_cuda():
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
-        x, t, cond = torch.randn(4, 3, 8, 8, device="cuda"), torch.rand(4, device="cuda"), {"label": torch.tensor([0, 1, 2, -1], device="cuda")}
+        x, t = torch.randn(4, 3, 8, 8, device="cuda"), torch.rand(4, device="cuda")
+        cond = {"label": torch.tensor([0, 1, 2, -1], device="cuda")}
         want = model(x, t, cond)
         got = precision.apply(Parts(model, None, None), "bf16", torch.device("cuda")).model(x, t, cond)
     assert got.dtype == torch.float32

@@ -37,7 +37,8 @@ def perturbed(model: torch.nn.Module, gen: torch.Generator) -> torch.nn.Module:
 def test_bf16_network_returns_float32_close_to_the_float32_network(arch):
     gen = torch.Generator().manual_seed(0)
     model = perturbed(MODELS[arch](), gen)
-    x, t, cond = torch.randn(4, 3, 8, 8, generator=gen), torch.rand(4, generator=gen), {"label": torch.tensor([0, 1, 2, -1])}
+    x, t = torch.randn(4, 3, 8, 8, generator=gen), torch.rand(4, generator=gen)
+    cond = {"label": torch.tensor([0, 1, 2, -1])}
     parts = precision.apply(Parts(model, None, None), "bf16", torch.device("cpu"))
     with torch.no_grad():
         want, got = model(x, t, cond), parts.model(x, t, cond)
