@@ -78,6 +78,13 @@ def compose_config(name: str, overrides=()):
         return compose(name, overrides=list(overrides))
 
 
+def perturb_all(model: torch.nn.Module, gen: torch.Generator) -> None:
+    """Move every weight off its (zero) init, so signal reaches the output from every parameter."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+
+
 def saved_random_model(cfg, spec, path, step: int):
     """Build the parts of ``cfg`` for ``spec``, give every weight random values (so a round trip that
     loses or misplaces one shows), save them as a checkpoint at ``path``; returns the parts."""

@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import compose_config
+from conftest import compose_config, perturb_all
 import torch
 
 from diffx import checkpoint, grids, noise, samplers
@@ -131,10 +131,10 @@ def test_precision_bf16_sampling_on_cuda():
     from diffx.build import Parts
     from diffx.models.unet import UNet
 
-    model = UNet(3, 8, num_classes=3, channels=8, channel_mult=(1, 2), attn_resolutions=(4,)).cuda().eval()
+    model = UNet(3, 8, num_classes=3, channels=8, channel_mult=(1, 2), attn_resolutions=(4,)).eval()
+    perturb_all(model, torch.Generator().manual_seed(0))
+    model.cuda()
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
         x, t = torch.randn(4, 3, 8, 8, device="cuda"), torch.rand(4, device="cuda")
         cond = {"label": torch.tensor([0, 1, 2, -1], device="cuda")}
         want = model(x, t, cond)

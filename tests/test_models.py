@@ -7,6 +7,7 @@ from pathlib import Path
 import hydra.utils
 import pytest
 import torch
+from conftest import perturb_all
 from omegaconf import OmegaConf
 
 from diffx.errors import DiffxError
@@ -51,13 +52,6 @@ def make_cond(kind: str, gen: torch.Generator) -> dict | None:
         cond["mask"] = torch.arange(L)[None] < torch.tensor([0, 3, L])[:, None]  # (B, L)
         cond["pooled"] = torch.randn(B, POOLED, generator=gen)
     return cond
-
-
-def perturb_all(model: torch.nn.Module, gen: torch.Generator) -> None:
-    """Move every weight off its (zero) init, so signal reaches the output from every parameter."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen))
 
 
 @pytest.mark.parametrize("cond_kind", CONDS)

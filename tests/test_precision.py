@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_TRAIN, compose_config
+from conftest import TINY_TRAIN, compose_config, perturb_all
 from PIL import Image
 
 from diffx import checkpoint, precision
@@ -25,18 +25,11 @@ MODELS = {
 }
 
 
-def perturbed(model: torch.nn.Module, gen: torch.Generator) -> torch.nn.Module:
-    """Random weights everywhere (zero-initialised output layers would make every output 0)."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen))
-    return model.eval()
-
-
 @pytest.mark.parametrize("arch", list(MODELS))
 def test_bf16_network_returns_float32_close_to_the_float32_network(arch):
     gen = torch.Generator().manual_seed(0)
-    model = perturbed(MODELS[arch](), gen)
+    model = MODELS[arch]().eval()
+    perturb_all(model, gen)
     x, t = torch.randn(4, 3, 8, 8, generator=gen), torch.rand(4, generator=gen)
     cond = {"label": torch.tensor([0, 1, 2, -1])}
     parts = precision.apply(Parts(model, None, None), "bf16", torch.device("cpu"))
@@ -67,8 +60,9 @@ def random_ckpt(tmp_path_factory):
     cfg = compose_config("train", TINY_TRAIN)
     spec = DataSpec(channels=3, image_size=8, num_classes=3)
     path = tmp_path_factory.mktemp("random") / "model.safetensors"
-    model = perturbed(build(cfg, spec).model, torch.Generator().manual_seed(1))
-    checkpoint.save(path, model.state_dict(), parts_config(cfg), spec, step=0)
+    model = build(cfg, spec).model
+    perturb_all(model, torch.Generator().manual_seed(1))  # not conftest.saved_random_model's N(0, 1) weights:
+    checkpoint.save(path, model.state_dict(), parts_config(cfg), spec, step=0)  # they make the sampler chaotic
     return path
 
 
