@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffx.errors import DiffxError
+from diffx.models import fused
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -116,9 +117,11 @@ def conditioning_vector(embedders: nn.ModuleDict, cond: dict | None, base: Tenso
     return base
 
 
-def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """adaLN: x (B, N, D) normalised, then scaled and shifted per sample by (B, D) vectors."""
-    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])  # x * (1 + scale) + shift, one pass
+def modulate(norm: nn.LayerNorm, x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: norm(x) * (1 + scale) + shift, x (B, N, D) normalised by ``norm`` (a LayerNorm without affine, whose
+    eps it takes), then scaled and shifted per sample by (B, D) vectors. On a CPU one fused pass each way
+    (``diffx.models.fused``), else the LayerNorm and one addcmul."""
+    return fused.modulated_norm(x, shift, scale, norm.eps)
 
 
 def ada_ln(dim: int, chunks: int) -> nn.Sequential:
@@ -144,6 +147,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        y = fused.rms_norm(x, self.weight, self.eps)  # a CPU kernel, one pass each way, where it applies
+        if y is not None:
+            return y
         dtype = torch.promote_types(x.dtype, torch.float32)  # bf16/fp16 -> float32; float64 stays
         return _RMSNormFn.apply(x.to(dtype), self.weight.to(dtype), self.eps).to(x.dtype)
 
@@ -240,7 +246,8 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
+        # = fc2(gelu(fc1(x))); on a CPU the bias and the GELU are one fused pass each way (diffx.models.fused)
+        return self.fc2(fused.linear_gelu(x, self.fc1.weight, self.fc1.bias, self.approximate))
 
 
 def heads_for(width: int, heads: int | None, head_dim: int | None, where: str) -> int:

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from diffx.errors import DiffxError
+from diffx.models.fused import gated_residual
 from diffx.models.layers import (
     GuidanceEmbedder,
     LabelEmbedder,
@@ -70,7 +71,7 @@ class StreamWeights(nn.Module):
         the modulation vectors for ``residual`` (with a dual stream, its gated self-attention last).
         ``rope``: this stream's rotary (cos, sin), applied to q and k after QK-norm (Flux)."""
         mod = self.ada(c).chunk(self.chunks, dim=-1)
-        h = modulate(self.norm1(x), mod[0], mod[1])
+        h = modulate(self.norm1, x, mod[0], mod[1])
         k, v = (split_heads(y, self.heads) for y in self.to_kv(h).chunk(2, dim=-1))
         q = None if self.pre_only else self.q_norm(split_heads(self.to_q(h), self.heads))
         k = self.k_norm(k)
@@ -78,7 +79,7 @@ class StreamWeights(nn.Module):
             q, k = (None if q is None else apply_rope(q, rope)), apply_rope(k, rope)
         if not self.dual:
             return q, k, v, mod[2:]
-        h2 = modulate(self.norm1(x), mod[6], mod[7])
+        h2 = modulate(self.norm1, x, mod[6], mod[7])
         q2, k2, v2 = (split_heads(y, self.heads) for y in self.to_qkv2(h2).chunk(3, dim=-1))
         q2, k2 = self.q_norm2(q2), self.k_norm2(k2)
         if rope is not None:
@@ -89,10 +90,10 @@ class StreamWeights(nn.Module):
     def residual(self, x: Tensor, attn: Tensor, mod: tuple[Tensor, ...]) -> Tensor:
         """Gated attention and MLP residuals; attn (B, N, D) is this stream's slice of the joint output."""
         gate_msa, shift_mlp, scale_mlp, gate_mlp, *alone = mod
-        x = torch.addcmul(x, gate_msa[:, None], self.proj(attn))  # x + gate * proj(attn), one pass
+        x = gated_residual(x, gate_msa, self.proj(attn))  # x + gate * proj(attn)
         if alone:
             x = x + alone[0]
-        return torch.addcmul(x, gate_mlp[:, None], self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+        return gated_residual(x, gate_mlp, self.mlp(modulate(self.norm2, x, shift_mlp, scale_mlp)))
 
 
 class DoubleStreamBlock(nn.Module):
@@ -139,7 +140,7 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, h: Tensor, c: Tensor, mask: Tensor, rope=None) -> Tensor:
         shift, scale, gate = self.ada(c).chunk(3, dim=-1)
-        qkv, mlp = self.fused_in(modulate(self.norm(h), shift, scale)).split([3 * self.width, self.hidden], -1)
+        qkv, mlp = self.fused_in(modulate(self.norm, h, shift, scale)).split([3 * self.width, self.hidden], -1)
         q, k, v = (split_heads(y, self.heads) for y in qkv.chunk(3, dim=-1))  # each (B, H, L+N, Dh)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:  # rotate the image tokens (the last N); the context ones sit at position 0
@@ -147,7 +148,7 @@ class SingleStreamBlock(nn.Module):
             q, k = (torch.cat([y[:, :, :-n], apply_rope(y[:, :, -n:], rope)], dim=2) for y in (q, k))
         attn = merge_heads(attention(q, k, v, mask, has_key=True))  # (B, L+N, D); the register is a real key
         out = self.fused_out(torch.cat([attn, F.gelu(mlp, approximate=self.gelu_approximate)], dim=-1))
-        return torch.addcmul(h, gate[:, None], out)  # h + gate * out
+        return gated_residual(h, gate, out)  # h + gate * out
 
 
 class FinalLayer(nn.Module):
@@ -167,7 +168,7 @@ class FinalLayer(nn.Module):
     def features(self, x: Tensor, c: Tensor) -> Tensor:
         """The modulated tokens (B, N, D), the linear's input."""
         shift, scale = self.ada(c).chunk(2, dim=-1)
-        return modulate(self.norm(x), shift, scale)
+        return modulate(self.norm, x, shift, scale)
 
 
 class MMDiT(nn.Module):

@@ -1,0 +1,154 @@
+"""Fused CPU kernels for the transformer blocks' element-wise chains, with eager PyTorch as the fallback.
+
+Four chains, each one pass over memory forward and one backward (``fused_cpu.cpp`` has the formulas):
+the adaLN modulated LayerNorm ``(x - mu) * rstd * (1 + scale) + shift`` (DiT), the gated residual
+``x + gate * y`` (adaLN-Zero), the per-head RMSNorm of QK-norm (SD3 sec. 5.3.2) and the MLP's GELU of a
+biased pre-activation. Eager PyTorch spends one pass per op on them (the LayerNorm, the modulation, and in
+the backward a multiply, a reduction and another multiply per input); on a CPU in float32 those passes are
+most of a transformer step besides the matmuls and the attention (README, "Training speed").
+
+The kernels are C++ built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about
+a minute once, then cached under ``TORCH_EXTENSIONS_DIR``) and run for float32 and float64 CPU tensors.
+Everything else (CUDA, bf16 under autocast, a machine without a compiler, ``DIFFX_CPU_KERNELS=0``) takes
+the eager path, the same function to float round-off (tests/test_fused.py checks both against each other).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def kernels():
+    """The built extension module, or None where it is switched off or cannot be built (warned once)."""
+    if "module" in _state:
+        return _state["module"]
+    with _lock:
+        if "module" not in _state:
+            _state["module"] = _build()
+    return _state["module"]
+
+
+def _build():
+    if os.environ.get("DIFFX_CPU_KERNELS", "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(name="diffx_fused_cpu", sources=[str(Path(__file__).with_name("fused_cpu.cpp"))],
+                    extra_cflags=["-O3", "-march=native"], verbose=False)
+    except Exception as e:  # no compiler, no ninja, an unknown ISA: eager PyTorch computes the same
+        warnings.warn(f"diffx: fused CPU kernels unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                      "using eager PyTorch (set DIFFX_CPU_KERNELS=0 to skip the build)", stacklevel=3)
+        return None
+
+
+def _usable(*tensors: Tensor) -> bool:
+    """CPU, float32/float64, outside autocast (whose casts the eager path does), and the kernels built."""
+    t = tensors[0]
+    return (t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+            and all(u.dtype == t.dtype and u.device.type == "cpu" for u in tensors)
+            and not torch.is_autocast_enabled("cpu") and kernels() is not None)
+
+
+# ------------------------------------------------------------------------------------------- modulated norm
+def modulated_norm(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
+    """adaLN: LayerNorm(x) * (1 + scale) + shift, x (B, N, D), shift and scale (B, D) per sample."""
+    if x.dim() == 3 and _usable(x, shift, scale):
+        return _ModulatedNorm.apply(x.contiguous(), shift.contiguous(), scale.contiguous(), eps)
+    return torch.addcmul(shift[:, None], F.layer_norm(x, x.shape[-1:], eps=eps), 1 + scale[:, None])
+
+
+class _ModulatedNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, shift, scale, eps):
+        y, mean, rstd = kernels().modulated_norm_forward(x, shift, scale, eps)
+        ctx.save_for_backward(x, mean, rstd, scale)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, mean, rstd, scale = ctx.saved_tensors
+        dx, dshift, dscale = kernels().modulated_norm_backward(dy.contiguous(), x, mean, rstd, scale)
+        return dx, dshift, dscale, None
+
+
+# ------------------------------------------------------------------------------------------- gated residual
+def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
+    """adaLN-Zero's residual: x + gate * y, x and y (B, N, D), gate (B, D); one pass each way."""
+    if x.dim() == 3 and _usable(x, gate, y):
+        return _Gated.apply(x, gate.contiguous(), y.contiguous())
+    return torch.addcmul(x, gate[:, None], y)
+
+
+class _Gated(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gate, y):
+        ctx.save_for_backward(gate, y)
+        return torch.addcmul(x, gate[:, None], y)
+
+    @staticmethod
+    def backward(ctx, dout):
+        gate, y = ctx.saved_tensors
+        dy, dgate = kernels().gated_backward(dout.contiguous(), y, gate)
+        return dout, dgate, dy
+
+
+# ------------------------------------------------------------------------------------------- RMSNorm
+def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor | None:
+    """x * rsqrt(mean(x^2) + eps) * w over the last dim of a 4-D x with a contiguous last dim (any other
+    strides, e.g. a projection's per-head view), or None where the kernels do not apply."""
+    if x.dim() == 4 and x.stride(-1) == 1 and _usable(x, w):
+        return _RMSNorm.apply(x, w.contiguous(), eps)
+    return None
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, eps):
+        y, r = kernels().rms_norm_forward(x, w, eps)
+        ctx.save_for_backward(x, r, w)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, r, w = ctx.saved_tensors
+        dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+        dx, dw = kernels().rms_norm_backward(dy, x, r, w, ctx.needs_input_grad[1])
+        return dx, (dw if ctx.needs_input_grad[1] else None), None
+
+
+# ------------------------------------------------------------------------------------------- bias + GELU
+def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None, approximate: str = "none") -> Tensor:
+    """GELU(x W^T + b): the bias-free matmul, then the bias and the GELU (exact or tanh) in one pass, whose
+    backward gives the pre-activation's and the bias's gradients in one pass too."""
+    # The exact form only: with tanh's vectorised kernel this pass was slower than PyTorch's own GELU.
+    if approximate == "none" and bias is not None and _usable(x, weight, bias):
+        h = F.linear(x, weight)
+        out = _BiasGelu.apply(h.reshape(-1, h.shape[-1]), bias, approximate == "tanh")
+        return out.view(h.shape)
+    return F.gelu(F.linear(x, weight, bias), approximate=approximate)
+
+
+class _BiasGelu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, b, tanh):
+        h = h.contiguous()
+        ctx.save_for_backward(h, b)
+        ctx.tanh = tanh
+        return kernels().bias_gelu_forward(h, b, tanh)
+
+    @staticmethod
+    def backward(ctx, dg):
+        h, b = ctx.saved_tensors
+        dh, db = kernels().bias_gelu_backward(dg.contiguous(), h, b, ctx.tanh)
+        return dh, db, None
