@@ -61,9 +61,23 @@ def test_modulated_norm_equals_layer_norm_then_modulation(B, N, D):
     _same(fused.modulated_norm, _eager_modulated_norm, [(B, N, D), (B, D), (B, D)])
 
 
+def _gated(x, gate, inp, weight, bias):
+    """gated_residual through an nn.Linear holding (weight, bias), so their gradients flow to the test's leaves."""
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    del linear.weight, linear.bias
+    linear.weight, linear.bias = weight, bias
+    return fused.gated_residual(x, gate, linear, inp)
+
+
+def _eager_gated(x, gate, inp, weight, bias):
+    return x + gate[:, None] * F.linear(inp, weight, bias)
+
+
 @pytest.mark.parametrize("B,N,D", [(3, 5, 48), (2, 7, 37)])
-def test_gated_residual_equals_addcmul(B, N, D):
-    _same(fused.gated_residual, lambda x, g, y: x + g[:, None] * y, [(B, N, D), (B, D), (B, N, D)])
+def test_gated_residual_equals_x_plus_gate_times_linear(B, N, D):
+    _same(_gated, _eager_gated, [(B, N, D), (B, D), (B, N, 20), (D, 20), (D,)])
+    _same(lambda x, g, i, w: _gated(x, g, i, w, None), lambda x, g, i, w: _eager_gated(x, g, i, w, None),
+          [(B, N, D), (B, D), (B, N, 20), (D, 20)])
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "heads of a projection", "heads of a kv chunk"])
@@ -92,7 +106,7 @@ def test_linear_gelu_equals_linear_then_exact_gelu(F_):
 def test_gradcheck_of_each_kernel():
     for f, shapes in [
         (lambda x, s, c: fused.modulated_norm(x, s, c), [(2, 3, 19), (2, 19), (2, 19)]),
-        (fused.gated_residual, [(2, 3, 19), (2, 19), (2, 3, 19)]),
+        (_gated, [(2, 3, 19), (2, 19), (2, 3, 5), (19, 5), (19,)]),
         (lambda x, w: fused.rms_norm(x, w, 1e-6), [(2, 2, 3, 19), (19,)]),
         (fused.linear_gelu, [(3, 7), (19, 7), (19,)]),
     ]:
@@ -104,7 +118,7 @@ def test_float32_within_float32_error_of_the_float64_formula():
     float32 is, within a small factor."""
     cases = [
         (lambda x, s, c: fused.modulated_norm(x, s, c), _eager_modulated_norm, [(4, 64, 96), (4, 96), (4, 96)]),
-        (fused.gated_residual, lambda x, g, y: x + g[:, None] * y, [(4, 64, 96), (4, 96), (4, 64, 96)]),
+        (_gated, _eager_gated, [(4, 64, 96), (4, 96), (4, 64, 80), (96, 80), (96,)]),
         (lambda x, w: fused.rms_norm(x, w, 1e-6), _eager_rms, [(4, 3, 64, 32), (32,)]),
         (fused.linear_gelu, _eager_linear_gelu, [(4, 64, 96), (256, 96), (256,)]),
     ]
@@ -131,10 +145,10 @@ def test_reductions_over_several_threads_equal_one_thread():
         "norm": [(6, 33, 40), (6, 40), (6, 40)],
         "rms": [(6, 4, 33, 16), (16,)],
         "gelu": [(6, 33, 40), (48, 40), (48,)],
-        "gated": [(6, 33, 40), (6, 40), (6, 33, 40)],
+        "gated": [(6, 33, 40), (6, 40), (6, 33, 24), (40, 24), (40,)],
     }
     fns = {"norm": fused.modulated_norm, "rms": lambda x, w: fused.rms_norm(x, w, 1e-6), "gelu": fused.linear_gelu,
-           "gated": fused.gated_residual}
+           "gated": _gated}
     threads = torch.get_num_threads()
     try:
         for name, f in fns.items():
@@ -194,7 +208,7 @@ def test_kernels_are_used_on_cpu_float_and_not_under_autocast(monkeypatch):
 
     monkeypatch.setitem(fused._state, "module", Spy())
     _mmdit_grads(_mmdit())
-    assert {"modulated_norm_forward", "modulated_norm_backward", "gated_backward", "rms_norm_forward",
+    assert {"modulated_norm_forward", "modulated_norm_backward", "gated_forward", "gated_backward", "rms_norm_forward",
             "rms_norm_backward", "bias_gelu_forward", "bias_gelu_backward"} <= set(calls)
     calls.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -83,24 +83,29 @@ class _ModulatedNorm(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------------- gated residual
-def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
-    """adaLN-Zero's residual: x + gate * y, x and y (B, N, D), gate (B, D); one pass each way."""
-    if x.dim() == 3 and _usable(x, gate, y):
-        return _Gated.apply(x, gate.contiguous(), y.contiguous())
-    return torch.addcmul(x, gate[:, None], y)
+def gated_residual(x: Tensor, gate: Tensor, linear: nn.Linear, inp: Tensor) -> Tensor:
+    """adaLN-Zero's residual of a linear layer: x + gate * linear(inp), x (B, N, D), gate (B, D). On a CPU the
+    bias-free matmul, then the bias, the gate and the residual in one pass, and the backward's gate and bias
+    gradients in one pass too."""
+    if x.dim() == 3 and _usable(x, gate, inp, linear.weight):
+        h = F.linear(inp, linear.weight)
+        bias = linear.bias if linear.bias is not None else h.new_zeros(h.shape[-1])
+        return _Gated.apply(x, gate.contiguous(), h, bias)
+    return torch.addcmul(x, gate[:, None], linear(inp))
 
 
 class _Gated(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gate, y):
-        ctx.save_for_backward(gate, y)
-        return torch.addcmul(x, gate[:, None], y)
+    def forward(ctx, x, gate, h, bias):
+        h = h.contiguous()
+        ctx.save_for_backward(gate, h, bias)
+        return kernels().gated_forward(x.contiguous(), gate, h, bias)
 
     @staticmethod
     def backward(ctx, dout):
-        gate, y = ctx.saved_tensors
-        dy, dgate = kernels().gated_backward(dout.contiguous(), y, gate)
-        return dout, dgate, dy
+        gate, h, bias = ctx.saved_tensors
+        dh, dgate, dbias = kernels().gated_backward(dout.contiguous(), h, bias, gate)
+        return dout, dgate, dh, dbias
 
 
 # ------------------------------------------------------------------------------------------- RMSNorm

@@ -175,17 +175,45 @@ std::vector<torch::Tensor> modulated_norm_backward(torch::Tensor dy, torch::Tens
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Gated residual (adaLN-Zero): out = x + gate_b * y, x and y (B, N, D), gate (B, D). Its forward is one
-// addcmul; the backward here: dy = dout * gate_b, dgate_b = sum_n dout * y (dx = dout is passed through).
-std::vector<torch::Tensor> gated_backward(torch::Tensor dout, torch::Tensor y, torch::Tensor gate) {
-  const int64_t B = y.size(0), N = y.size(1), D = y.size(2);
-  auto dy = torch::empty_like(y);
-  auto dgate = torch::zeros({B, D}, y.options());
-  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "gated_backward", [&] {
+// Gated residual (adaLN-Zero) of a linear layer's output: out = x + gate_b * (h + bias), x and h (B, N, D),
+// h = the bias-free matmul, gate (B, D), bias (D). One pass forward; backward (dx = dout is passed through):
+//   dh = dout * gate_b,  dgate_b = sum_n dout * (h + bias),  dbias = sum over b and n of dh.
+torch::Tensor gated_forward(torch::Tensor x, torch::Tensor gate, torch::Tensor h, torch::Tensor bias) {
+  const int64_t B = h.size(0), N = h.size(1), D = h.size(2);
+  auto out = torch::empty_like(h);
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "gated_forward", [&] {
     using V = Vectorized<scalar_t>;
-    const scalar_t *DO = dout.data_ptr<scalar_t>(), *Yp = y.data_ptr<scalar_t>(), *G = gate.data_ptr<scalar_t>();
-    scalar_t *DY = dy.data_ptr<scalar_t>(), *DG = dgate.data_ptr<scalar_t>();
+    const scalar_t *X = x.data_ptr<scalar_t>(), *G = gate.data_ptr<scalar_t>(), *H = h.data_ptr<scalar_t>();
+    const scalar_t* Bi = bias.data_ptr<scalar_t>();
+    scalar_t* O = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B * N, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const scalar_t* g = G + (i / N) * D;
+        const int64_t off = i * D;
+        int64_t d = 0;
+        for (; d + V::size() <= D; d += V::size())
+          at::vec::fmadd(V::loadu(g + d), V::loadu(H + off + d) + V::loadu(Bi + d), V::loadu(X + off + d)).store(O + off + d);
+        for (; d < D; ++d) O[off + d] = X[off + d] + g[d] * (H[off + d] + Bi[d]);
+      }
+    });
+  });
+  return out;
+}
+
+std::vector<torch::Tensor> gated_backward(torch::Tensor dout, torch::Tensor h, torch::Tensor bias, torch::Tensor gate) {
+  const int64_t B = h.size(0), N = h.size(1), D = h.size(2);
+  auto dh = torch::empty_like(h);
+  auto dgate = torch::zeros({B, D}, h.options());
+  auto partial = torch::zeros({at::get_num_threads(), D}, h.options());  // dbias, one row per thread
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "gated_backward", [&] {
+    using V = Vectorized<scalar_t>;
+    const scalar_t *DO = dout.data_ptr<scalar_t>(), *H = h.data_ptr<scalar_t>(), *G = gate.data_ptr<scalar_t>();
+    const scalar_t* Bi = bias.data_ptr<scalar_t>();
+    scalar_t *DH = dh.data_ptr<scalar_t>(), *DG = dgate.data_ptr<scalar_t>(), *P = partial.data_ptr<scalar_t>();
+    // One sample's rows per task, so its dgate row has one writer.
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      BlockedSum<scalar_t> dbias_sum(P + at::get_thread_num() * D, D);
+      scalar_t* db = dbias_sum.row();
       for (int64_t b = b0; b < b1; ++b) {
         const scalar_t* g = G + b * D;
         BlockedSum<scalar_t> dgate_b(DG + b * D, D);
@@ -194,20 +222,23 @@ std::vector<torch::Tensor> gated_backward(torch::Tensor dout, torch::Tensor y, t
           const int64_t off = (b * N + n) * D;
           int64_t d = 0;
           for (; d + V::size() <= D; d += V::size()) {
-            V o = V::loadu(DO + off + d);
-            (o * V::loadu(g + d)).store(DY + off + d);
-            at::vec::fmadd(o, V::loadu(Yp + off + d), V::loadu(dg + d)).store(dg + d);
+            V o = V::loadu(DO + off + d), dhv = o * V::loadu(g + d);
+            dhv.store(DH + off + d);
+            (V::loadu(db + d) + dhv).store(db + d);
+            at::vec::fmadd(o, V::loadu(H + off + d) + V::loadu(Bi + d), V::loadu(dg + d)).store(dg + d);
           }
           for (; d < D; ++d) {
-            DY[off + d] = DO[off + d] * g[d];
-            dg[d] += DO[off + d] * Yp[off + d];
+            DH[off + d] = DO[off + d] * g[d];
+            db[d] += DH[off + d];
+            dg[d] += DO[off + d] * (H[off + d] + Bi[d]);
           }
           dgate_b.next();
+          dbias_sum.next();
         }
       }
     });
   });
-  return {dy, dgate};
+  return {dh, dgate, partial.sum(0)};
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -411,6 +442,7 @@ int64_t vector_width() { return Vectorized<float>::size(); }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("modulated_norm_forward", &modulated_norm_forward);
   m.def("modulated_norm_backward", &modulated_norm_backward);
+  m.def("gated_forward", &gated_forward);
   m.def("gated_backward", &gated_backward);
   m.def("rms_norm_forward", &rms_norm_forward);
   m.def("rms_norm_backward", &rms_norm_backward);

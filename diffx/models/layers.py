@@ -246,8 +246,11 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        # = fc2(gelu(fc1(x))); on a CPU the bias and the GELU are one fused pass each way (diffx.models.fused)
-        return self.fc2(fused.linear_gelu(x, self.fc1.weight, self.fc1.bias, self.approximate))
+        return self.fc2(self.hidden(x))
+
+    def hidden(self, x: Tensor) -> Tensor:
+        """gelu(fc1(x)), fc2's input; on a CPU the bias and the GELU are one fused pass each way (diffx.models.fused)."""
+        return fused.linear_gelu(x, self.fc1.weight, self.fc1.bias, self.approximate)
 
 
 def heads_for(width: int, heads: int | None, head_dim: int | None, where: str) -> int:

@@ -90,10 +90,10 @@ class StreamWeights(nn.Module):
     def residual(self, x: Tensor, attn: Tensor, mod: tuple[Tensor, ...]) -> Tensor:
         """Gated attention and MLP residuals; attn (B, N, D) is this stream's slice of the joint output."""
         gate_msa, shift_mlp, scale_mlp, gate_mlp, *alone = mod
-        x = gated_residual(x, gate_msa, self.proj(attn))  # x + gate * proj(attn)
+        x = gated_residual(x, gate_msa, self.proj, attn)  # x + gate * proj(attn)
         if alone:
             x = x + alone[0]
-        return gated_residual(x, gate_mlp, self.mlp(modulate(self.norm2, x, shift_mlp, scale_mlp)))
+        return gated_residual(x, gate_mlp, self.mlp.fc2, self.mlp.hidden(modulate(self.norm2, x, shift_mlp, scale_mlp)))
 
 
 class DoubleStreamBlock(nn.Module):
@@ -147,8 +147,8 @@ class SingleStreamBlock(nn.Module):
             n = rope[0].shape[0]
             q, k = (torch.cat([y[:, :, :-n], apply_rope(y[:, :, -n:], rope)], dim=2) for y in (q, k))
         attn = merge_heads(attention(q, k, v, mask, has_key=True))  # (B, L+N, D); the register is a real key
-        out = self.fused_out(torch.cat([attn, F.gelu(mlp, approximate=self.gelu_approximate)], dim=-1))
-        return gated_residual(h, gate, out)  # h + gate * out
+        out = torch.cat([attn, F.gelu(mlp, approximate=self.gelu_approximate)], dim=-1)
+        return gated_residual(h, gate, self.fused_out, out)  # h + gate * fused_out(out)
 
 
 class FinalLayer(nn.Module):
