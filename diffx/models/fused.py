@@ -2,20 +2,23 @@
 
 Four chains, each one pass over memory forward and one backward (``fused_cpu.cpp`` has the formulas):
 the adaLN modulated LayerNorm ``(x - mu) * rstd * (1 + scale) + shift`` (DiT), the gated residual
-``x + gate * y`` (adaLN-Zero), the per-head RMSNorm of QK-norm (SD3 sec. 5.3.2) and the MLP's GELU of a
+``x + gate * linear(y)`` (adaLN-Zero), the per-head RMSNorm of QK-norm (SD3 sec. 5.3.2) and the MLP's GELU of a
 biased pre-activation. Eager PyTorch spends one pass per op on them (the LayerNorm, the modulation, and in
 the backward a multiply, a reduction and another multiply per input); on a CPU in float32 those passes are
 most of a transformer step besides the matmuls and the attention (README, "Training speed").
 
 The kernels are C++ built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about
-a minute once, then cached under ``TORCH_EXTENSIONS_DIR``) and run for float32 and float64 CPU tensors.
-Everything else (CUDA, bf16 under autocast, a machine without a compiler, ``DIFFX_CPU_KERNELS=0``) takes
+half a minute once per machine, then cached under ``~/.cache/diffx/kernels`` or ``DIFFX_KERNEL_CACHE``) and
+run for float32 and float64 CPU tensors. Everything else (CUDA, bf16 under autocast, a machine without a compiler, ``DIFFX_CPU_KERNELS=0``) takes
 the eager path, the same function to float round-off (tests/test_fused.py checks both against each other).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -44,12 +47,31 @@ def _build():
     try:
         from torch.utils.cpp_extension import load
 
-        return load(name="diffx_fused_cpu", sources=[str(Path(__file__).with_name("fused_cpu.cpp"))],
+        source = Path(__file__).with_name("fused_cpu.cpp")
+        # Built for this CPU (-march=native), so keyed by it: a home directory shared by a cluster's unlike
+        # nodes must not hand one node's build to another (an illegal instruction, not an error).
+        name = f"diffx_fused_cpu_{_cpu_tag()}"
+        build = Path(os.environ.get("DIFFX_KERNEL_CACHE", "~/.cache/diffx/kernels")).expanduser() / name
+        build.mkdir(parents=True, exist_ok=True)
+        if not any(build.glob(f"{name}*.so")):
+            print(f"diffx: building the fused CPU kernels in {build} (once per machine, about 30 s)",
+                  file=sys.stderr, flush=True)
+        return load(name=name, sources=[str(source)], build_directory=str(build),
                     extra_cflags=["-O3", "-march=native"], verbose=False)
     except Exception as e:  # no compiler, no ninja, an unknown ISA: eager PyTorch computes the same
         warnings.warn(f"diffx: fused CPU kernels unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                       "using eager PyTorch (set DIFFX_CPU_KERNELS=0 to skip the build)", stacklevel=3)
         return None
+
+
+def _cpu_tag() -> str:
+    """A short hash of this CPU's model and instruction-set flags (Linux's /proc/cpuinfo; elsewhere the platform)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        text = "".join(sorted({ln for ln in info if ln.startswith(("model name", "flags", "Features"))}))
+    except OSError:
+        text = platform.machine() + platform.processor()
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
 def _usable(*tensors: Tensor) -> bool:
