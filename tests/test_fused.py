@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import perturb_all
 
 from diffx.models import fused
 from diffx.models.layers import _RMSNormFn
@@ -168,9 +169,7 @@ def _mmdit(seed=0):
     torch.manual_seed(seed)
     model = MMDiT(in_channels=4, image_size=8, text_dim=12, pooled_dim=12, width=48, depth=2, heads=3,
                   gelu_approximate="none")
-    with torch.no_grad():
-        for p in model.parameters():  # adaLN-Zero starts every gate at 0: perturb, so every path counts
-            p.add_(0.05 * torch.randn_like(p))
+    perturb_all(model, torch.Generator().manual_seed(seed))  # adaLN-Zero starts every gate at 0
     return model
 
 

@@ -141,3 +141,28 @@ def test_precision_bf16_sampling_on_cuda():
         got = precision.apply(Parts(model, None, None), "bf16", torch.device("cuda")).model(x, t, cond)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=0, atol=0.05 * want.abs().max().item())
+
+
+def test_mmdit_on_cuda_takes_the_eager_path_and_matches_the_cpu_kernels():
+    """On CUDA the fused CPU kernels are not called; the model's output and gradients there equal the CPU's
+    (which runs the kernels) to float32 round-off."""
+    from diffx.models import fused
+    from diffx.models.mmdit import MMDiT
+
+    torch.manual_seed(0)
+    model = MMDiT(in_channels=4, image_size=8, text_dim=12, pooled_dim=12, width=48, depth=2, heads=3,
+                  gelu_approximate="none")
+    perturb_all(model, torch.Generator().manual_seed(0))
+    x, t = torch.randn(3, 4, 8, 8), torch.rand(3)
+    cond = {"tokens": torch.randn(3, 5, 12), "mask": torch.ones(3, 5, dtype=torch.bool), "pooled": torch.randn(3, 12)}
+    results = []
+    for device in ("cpu", "cuda"):
+        m = model.to(device)
+        m.zero_grad()
+        out = m(x.to(device), t.to(device), {k: v.to(device) for k, v in cond.items()})
+        out.square().mean().backward()
+        results.append((out.cpu(), [p.grad.cpu() for p in m.parameters()]))
+    assert fused.kernels() is not None
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-5)
+    for a, b in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
