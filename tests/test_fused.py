@@ -2,6 +2,7 @@
 values and gradients in float64 to round-off, gradcheck, float32 to float32's error, odd widths (the vector
 loops' scalar tails), strided per-head views, several threads, and the eager fallback (no kernels, autocast)."""
 
+import os
 import warnings
 
 import pytest
@@ -248,3 +249,12 @@ def test_rms_norm_module_matches_its_written_out_fallback():
         norm.weight.add_(0.3 * torch.randn(16, dtype=F64))
     x = torch.randn(2, 3, 5, 16, dtype=F64)
     torch.testing.assert_close(norm(x), _RMSNormFn.apply(x, norm.weight, norm.eps), rtol=1e-12, atol=1e-12)
+
+
+def test_the_ninja_package_is_put_on_path_when_none_is_there(monkeypatch):
+    """A virtual environment run without activation has the ninja package but not its binary on PATH."""
+    import ninja
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    fused._ninja_on_path()
+    assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR

@@ -7,7 +7,7 @@ biased pre-activation. Eager PyTorch spends one pass per op on them (the LayerNo
 the backward a multiply, a reduction and another multiply per input); on a CPU in float32 those passes are
 most of a transformer step besides the matmuls and the attention (README, "Training speed").
 
-The kernels are C++ built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about
+The kernels are C++ built on first use with ``torch.utils.cpp_extension`` (the system's C++ compiler, and ninja; about
 half a minute once per machine, then cached under ``~/.cache/diffx/kernels`` or ``DIFFX_KERNEL_CACHE``) and
 run for float32 and float64 CPU tensors. Everything else (CUDA, bf16 under autocast, a machine without a compiler, ``DIFFX_CPU_KERNELS=0``) takes
 the eager path, the same function to float round-off (tests/test_fused.py checks both against each other).
@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import shutil
 import sys
 import threading
 import warnings
@@ -47,6 +48,7 @@ def _build():
     try:
         from torch.utils.cpp_extension import load
 
+        _ninja_on_path()
         source = Path(__file__).with_name("fused_cpu.cpp")
         # Built for this CPU (-march=native), so keyed by it: a home directory shared by a cluster's unlike
         # nodes must not hand one node's build to another (an illegal instruction, not an error).
@@ -62,6 +64,17 @@ def _build():
         warnings.warn(f"diffx: fused CPU kernels unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                       "using eager PyTorch (set DIFFX_CPU_KERNELS=0 to skip the build)", stacklevel=3)
         return None
+
+
+def _ninja_on_path() -> None:
+    """The ninja that the ``ninja`` package installed, on PATH for cpp_extension (which runs ``ninja``) even
+    when diffx runs from a virtual environment that is not activated."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    if shutil.which("ninja") is None:
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
 def _cpu_tag() -> str:
