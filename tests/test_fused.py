@@ -214,6 +214,11 @@ def test_kernels_are_used_on_cpu_float_and_not_under_autocast(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = _mmdit()(torch.randn(2, 4, 8, 8), torch.rand(2))
     assert torch.isfinite(out.float()).all() and not calls
+    # torch.compile (train.compile=true) traces the eager formulas, to fuse them itself
+    torch._dynamo.reset()
+    compiled = torch.compile(_mmdit(), backend="aot_eager", fullgraph=True)
+    compiled(torch.randn(2, 4, 8, 8), torch.rand(2)).square().mean().backward()
+    assert not calls
 
 
 def test_switched_off_or_unbuildable_kernels_fall_back_to_eager(monkeypatch):

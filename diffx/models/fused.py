@@ -9,7 +9,7 @@ most of a transformer step besides the matmuls and the attention (README, "Train
 
 The kernels are C++ built on first use with ``torch.utils.cpp_extension`` (the system's C++ compiler, and ninja; about
 half a minute once per machine, then cached under ``~/.cache/diffx/kernels`` or ``DIFFX_KERNEL_CACHE``) and
-run for float32 and float64 CPU tensors. Everything else (CUDA, bf16 under autocast, a machine without a compiler, ``DIFFX_CPU_KERNELS=0``) takes
+run for float32 and float64 CPU tensors. Everything else (CUDA, bf16 under autocast, torch.compile, no compiler, ``DIFFX_CPU_KERNELS=0``) takes
 the eager path, the same function to float round-off (tests/test_fused.py checks both against each other).
 """
 
@@ -88,11 +88,13 @@ def _cpu_tag() -> str:
 
 
 def _usable(*tensors: Tensor) -> bool:
-    """CPU, float32/float64, outside autocast (whose casts the eager path does), and the kernels built."""
+    """CPU, float32/float64, outside autocast (whose casts the eager path does) and outside torch.compile (which
+    fuses the eager formulas itself: train.compile=true), and the kernels built."""
     t = tensors[0]
     return (t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
             and all(u.dtype == t.dtype and u.device.type == "cpu" for u in tensors)
-            and not torch.is_autocast_enabled("cpu") and kernels() is not None)
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and kernels() is not None)
 
 
 # ------------------------------------------------------------------------------------------- modulated norm
