@@ -59,7 +59,7 @@ def _build():
             print(f"diffx: building the fused CPU kernels in {build} (once per machine, about 30 s)",
                   file=sys.stderr, flush=True)
         return load(name=name, sources=[str(source)], build_directory=str(build),
-                    extra_cflags=["-O3", "-march=native"], verbose=False)
+                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, an unknown ISA: eager PyTorch computes the same
         warnings.warn(f"diffx: fused CPU kernels unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                       "using eager PyTorch (set DIFFX_CPU_KERNELS=0 to skip the build)", stacklevel=3)
