@@ -1,16 +1,19 @@
 """Fused CPU kernels for the transformer blocks' element-wise chains, with eager PyTorch as the fallback.
 
-Four chains, each one pass over memory forward and one backward (``fused_cpu.cpp`` has the formulas):
-the adaLN modulated LayerNorm ``(x - mu) * rstd * (1 + scale) + shift`` (DiT), the gated residual
-``x + gate * linear(y)`` (adaLN-Zero), the per-head RMSNorm of QK-norm (SD3 sec. 5.3.2) and the MLP's GELU of a
-biased pre-activation. Eager PyTorch spends one pass per op on them (the LayerNorm, the modulation, and in
-the backward a multiply, a reduction and another multiply per input); on a CPU in float32 those passes are
-most of a transformer step besides the matmuls and the attention (README, "Training speed").
+Four chains, each one pass over memory forward and one backward (``fused_cpu.cpp`` has the formulas): the
+adaLN modulated LayerNorm ``(x - mu) * rstd * (1 + scale) + shift`` (DiT), the gated residual
+``x + gate * linear(y)`` (adaLN-Zero), the per-head RMSNorm of QK-norm (SD3 sec. 5.3.2), and the GELU of a
+biased pre-activation (the MMDiT's MLP, the UNet's transformer feed-forward). Eager PyTorch spends one pass
+per op on them (the LayerNorm, the modulation, and in the backward a multiply, a reduction and another
+multiply per input); on a CPU in float32 those passes are most of a transformer step besides the matmuls
+and the attention (README, "Training speed against diffusers").
 
-The kernels are C++ built on first use with ``torch.utils.cpp_extension`` (the system's C++ compiler, and ninja; about
-half a minute once per machine, then cached under ``~/.cache/diffx/kernels`` or ``DIFFX_KERNEL_CACHE``) and
-run for float32 and float64 CPU tensors. Everything else (CUDA, bf16 under autocast, torch.compile, no compiler, ``DIFFX_CPU_KERNELS=0``) takes
-the eager path, the same function to float round-off (tests/test_fused.py checks both against each other).
+The kernels are C++ built on first use with ``torch.utils.cpp_extension`` (the system's C++ compiler, and
+ninja; about half a minute once per machine, then cached under ``~/.cache/diffx/kernels`` or
+``DIFFX_KERNEL_CACHE``) with OpenMP, so they run on PyTorch's intra-op threads, for float32 and float64 CPU
+tensors. Everything else (CUDA, bf16 under autocast, torch.compile, no compiler, ``DIFFX_CPU_KERNELS=0``)
+takes the eager path, the same function to float round-off (tests/test_fused.py checks both against each
+other).
 """
 
 from __future__ import annotations
