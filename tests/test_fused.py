@@ -286,3 +286,11 @@ def test_the_ninja_package_is_put_on_path_when_none_is_there(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     fused._ninja_on_path()
     assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
+
+
+def test_the_build_is_keyed_by_cpu_python_and_torch(monkeypatch):
+    """A cached -march=native build must not be loaded by another CPU's node, Python or torch."""
+    tag = fused._build_tag()
+    assert len(tag) == 10 and tag == fused._build_tag()
+    monkeypatch.setattr(torch, "__version__", "0.0.0")
+    assert fused._build_tag() != tag

@@ -53,9 +53,10 @@ def _build():
 
         _ninja_on_path()
         source = Path(__file__).with_name("fused_cpu.cpp")
-        # Built for this CPU (-march=native), so keyed by it: a home directory shared by a cluster's unlike
-        # nodes must not hand one node's build to another (an illegal instruction, not an error).
-        name = f"diffx_fused_cpu_{_cpu_tag()}"
+        # Built for this CPU (-march=native), Python and torch, so keyed by them: a home directory shared by a
+        # cluster's unlike nodes must not hand one node's build to another (an illegal instruction, not an
+        # error), nor one environment's to another's torch (cpp_extension's own check hashes only the sources).
+        name = f"diffx_fused_cpu_{_build_tag()}"
         build = Path(os.environ.get("DIFFX_KERNEL_CACHE", "~/.cache/diffx/kernels")).expanduser() / name
         build.mkdir(parents=True, exist_ok=True)
         if not any(build.glob(f"{name}*.so")):
@@ -80,13 +81,15 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
-def _cpu_tag() -> str:
-    """A short hash of this CPU's model and instruction-set flags (Linux's /proc/cpuinfo; elsewhere the platform)."""
+def _build_tag() -> str:
+    """A short hash of this CPU's model and instruction-set flags (Linux's /proc/cpuinfo; elsewhere the
+    platform), the Python version and the torch version."""
     try:
         info = Path("/proc/cpuinfo").read_text().splitlines()
         text = "".join(sorted({ln for ln in info if ln.startswith(("model name", "flags", "Features"))}))
     except OSError:
         text = platform.machine() + platform.processor()
+    text += f"python {sys.version_info[:2]} torch {torch.__version__}"
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
