@@ -3,6 +3,9 @@ values and gradients in float64 to round-off, gradcheck, float32 to float32's er
 loops' scalar tails), strided per-head views, several threads, and the eager fallback (no kernels, autocast)."""
 
 import os
+import platform
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -294,3 +297,19 @@ def test_the_build_is_keyed_by_cpu_python_and_torch(monkeypatch):
     assert len(tag) == 10 and tag == fused._build_tag()
     monkeypatch.setattr(torch, "__version__", "0.0.0")
     assert fused._build_tag() != tag
+
+
+# Narrower vector units than this machine's, where the platform has named ones (ATen's AVX2 and generic paths).
+NARROWER = {"x86_64": ["x86-64-v3", "x86-64"], "AMD64": ["x86-64-v3", "x86-64"], "aarch64": ["armv8-a"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", NARROWER.get(platform.machine(), ["native"]))
+def test_the_kernels_built_for_narrower_vector_units_pass_these_tests(arch, tmp_path):
+    """The vector width changes the kernels' code paths (on x86, ATen's AVX2 and generic Vectorized): build them
+    for each (x86-64-v3: AVX2; x86-64: no AVX) and run this file's other tests against that build (~40 s each)."""
+    env = dict(os.environ, DIFFX_KERNEL_ARCH=arch, DIFFX_KERNEL_CACHE=str(tmp_path), OMP_NUM_THREADS="2")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert "passed" in run.stdout and "failed" not in run.stdout

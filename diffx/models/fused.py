@@ -63,7 +63,7 @@ def _build():
             print(f"diffx: building the fused CPU kernels in {build} (once per machine, about 30 s)",
                   file=sys.stderr, flush=True)
         return load(name=name, sources=[str(source)], build_directory=str(build),
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+                    extra_cflags=["-O3", f"-march={_arch()}", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, an unknown ISA: eager PyTorch computes the same
         warnings.warn(f"diffx: fused CPU kernels unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                       "using eager PyTorch (set DIFFX_CPU_KERNELS=0 to skip the build)", stacklevel=3)
@@ -81,6 +81,12 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+def _arch() -> str:
+    """The -march the kernels are built for: this CPU's (native), or ``DIFFX_KERNEL_ARCH`` (e.g. x86-64-v3 for
+    AVX2, x86-64 for SSE2 only: the tests build those too, so each vector width's code path is checked)."""
+    return os.environ.get("DIFFX_KERNEL_ARCH", "native")
+
+
 def _build_tag() -> str:
     """A short hash of this CPU's model and instruction-set flags (Linux's /proc/cpuinfo; elsewhere the
     platform), the Python version and the torch version."""
@@ -89,7 +95,7 @@ def _build_tag() -> str:
         text = "".join(sorted({ln for ln in info if ln.startswith(("model name", "flags", "Features"))}))
     except OSError:
         text = platform.machine() + platform.processor()
-    text += f"python {sys.version_info[:2]} torch {torch.__version__}"
+    text += f"python {sys.version_info[:2]} torch {torch.__version__} march {_arch()}"
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
