@@ -13,50 +13,41 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
-import torch.nn.functional as F
+from bench_train import _time  # scripts/ is on the path when a script in it runs
 
 from diffx import allocator
 from diffx.models import fused
-from diffx.models.layers import _RMSNormFn
+from diffx.models.layers import Mlp, RMSNorm, modulate
 
 
 def chains(B: int, N: int, D: int, heads: int, hidden: int):
-    """name -> (inputs, fused function, eager function); eager as the MMDiT computed it before the kernels."""
+    """name -> (inputs, function): each chain as the MMDiT calls it, timed with the kernels and within
+    ``fused.eager()`` (the path without them)."""
     gen = torch.Generator().manual_seed(0)
 
     def rand(*shape, scale=1.0):
         return (scale * torch.randn(*shape, generator=gen)).requires_grad_()
 
-    proj, mlp_in = torch.nn.Linear(D, D), torch.nn.Linear(D, hidden)
+    norm = torch.nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+    proj, mlp, qk_norm = torch.nn.Linear(D, D), Mlp(D, hidden, "none"), RMSNorm(D // heads)
     q = lambda t: t.view(B, N, heads, D // heads).transpose(1, 2)  # noqa: E731 -- split_heads of a projection
     return {
-        "adaLN LayerNorm + modulation": (
-            [rand(B, N, D), rand(B, D, scale=0.1), rand(B, D, scale=0.1)],
-            lambda x, s, c: fused.modulated_norm(x, s, c, 1e-6),
-            lambda x, s, c: torch.addcmul(s[:, None], F.layer_norm(x, (D,), eps=1e-6), 1 + c[:, None])),
-        "gated residual of a linear": (
-            [rand(B, N, D), rand(B, D), rand(B, N, D)],
-            lambda x, g, y: fused.gated_residual(x, g, proj, y),
-            lambda x, g, y: torch.addcmul(x, g[:, None], proj(y))),
-        "QK-norm RMSNorm": (
-            [rand(B, N, D), 1 + rand(D // heads, scale=0.1)],
-            lambda x, w: fused.rms_norm(q(x), w, 1e-6),
-            lambda x, w: _RMSNormFn.apply(q(x), w, 1e-6)),
-        "linear + bias + exact GELU": (
-            [rand(B, N, D)],
-            lambda x: fused.linear_gelu(x, mlp_in.weight, mlp_in.bias),
-            lambda x: F.gelu(mlp_in(x))),
+        "adaLN LayerNorm + modulation": ([rand(B, N, D), rand(B, D, scale=0.1), rand(B, D, scale=0.1)],
+                                         lambda x, s, c: modulate(norm, x, s, c)),
+        "gated residual of a linear": ([rand(B, N, D), rand(B, D), rand(B, N, D)],
+                                       lambda x, g, y: fused.gated_residual(x, g, proj, y)),
+        "QK-norm RMSNorm": ([rand(B, N, D)], lambda x: qk_norm(q(x))),
+        "linear + bias + exact GELU": ([rand(B, N, D)], mlp.hidden),
     }
 
 
-def _time(f, n: int) -> float:
-    start = time.perf_counter()
-    for _ in range(n):
-        f()
-    return (time.perf_counter() - start) / n
+def _eager(f):
+    def run(*inputs):
+        with fused.eager():
+            return f(*inputs)
+    return run
 
 
 def main() -> None:
@@ -70,7 +61,9 @@ def main() -> None:
         raise SystemExit("the fused CPU kernels are not available here (see the warning above)")
     print(f"{torch.get_num_threads()} threads; batch {args.batch}, 256 tokens, width 384, 6 heads, MLP 1536")
     total = [0.0, 0.0]
-    for name, (inputs, ours, eager) in chains(args.batch, 256, 384, 6, 1536).items():
+    cpu = torch.device("cpu")
+    for name, (inputs, ours) in chains(args.batch, 256, 384, 6, 1536).items():
+        eager = _eager(ours)
         grad = torch.randn_like(ours(*inputs))
 
         def forward(f):
@@ -89,7 +82,7 @@ def main() -> None:
             calls = [wrap(ours), wrap(eager)]
             for c in calls:
                 c()  # warm-up
-            rounds = [[_time(c, args.steps) for c in calls] for _ in range(args.rounds)]
+            rounds = [[_time(c, args.steps, cpu) for c in calls] for _ in range(args.rounds)]
             ms = [1e3 * statistics.median(r[k] for r in rounds) for k in (0, 1)]
             if mode != "forward":
                 total = [total[0] + ms[0], total[1] + ms[1]]

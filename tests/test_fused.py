@@ -26,9 +26,10 @@ def built():
 
 
 @pytest.fixture
-def eager(monkeypatch):
+def eager():
     """The eager path: as where the kernels cannot be built or DIFFX_CPU_KERNELS=0."""
-    monkeypatch.setitem(fused._state, "module", None)
+    with fused.eager():
+        yield
 
 
 def _eager_modulated_norm(x, shift, scale, eps=1e-6):
@@ -187,20 +188,26 @@ def _mmdit_grads(model):
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_mmdit_with_kernels_equals_mmdit_without(monkeypatch):
+def _assert_same_output_and_grads(ours, eager):
+    """(output, {name: grad}) with the kernels and without, to float32 round-off; each gradient relative to its
+    own scale."""
+    torch.testing.assert_close(ours[0], eager[0], rtol=1e-5, atol=1e-6)
+    assert ours[1].keys() == eager[1].keys()
+    for name in ours[1]:
+        scale = eager[1][name].abs().max().item()
+        torch.testing.assert_close(ours[1][name], eager[1][name], rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+def test_mmdit_with_kernels_equals_mmdit_without():
     """The whole model, forward and every parameter's gradient, with and without the kernels (float32: the
     model embeds t in float32; the kernels' float64 equality is tested above)."""
     with_k = _mmdit_grads(_mmdit())
-    monkeypatch.setitem(fused._state, "module", None)
-    without = _mmdit_grads(_mmdit())
-    torch.testing.assert_close(with_k[0], without[0], rtol=1e-5, atol=1e-6)
-    assert with_k[1].keys() == without[1].keys()
-    for name in with_k[1]:
-        scale = without[1][name].abs().max().item()
-        torch.testing.assert_close(with_k[1][name], without[1][name], rtol=1e-4, atol=1e-5 * scale, msg=name)
+    with fused.eager():
+        without = _mmdit_grads(_mmdit())
+    _assert_same_output_and_grads(with_k, without)
 
 
-def test_unet_with_kernels_equals_unet_without(monkeypatch):
+def test_unet_with_kernels_equals_unet_without():
     """The UNet's transformer feed-forward (bias + GELU fused): output and gradients with and without."""
     from diffx.models.unet import UNet
 
@@ -215,12 +222,9 @@ def test_unet_with_kernels_equals_unet_without(monkeypatch):
         return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     with_k = grads()
-    monkeypatch.setitem(fused._state, "module", None)
-    without = grads()
-    torch.testing.assert_close(with_k[0], without[0], rtol=1e-5, atol=1e-6)
-    for name in with_k[1]:
-        scale = without[1][name].abs().max().item()
-        torch.testing.assert_close(with_k[1][name], without[1][name], rtol=1e-4, atol=1e-5 * scale, msg=name)
+    with fused.eager():
+        without = grads()
+    _assert_same_output_and_grads(with_k, without)
 
 
 def test_kernels_are_used_on_cpu_float_and_not_under_autocast(monkeypatch):

@@ -18,6 +18,7 @@ other).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -43,6 +44,18 @@ def kernels():
         if "module" not in _state:
             _state["module"] = _build()
     return _state["module"]
+
+
+@contextlib.contextmanager
+def eager():
+    """Within it, every function here takes its eager path, as on a machine without the kernels
+    (``scripts/bench_fused.py`` times the two side by side)."""
+    saved = kernels()
+    _state["module"] = None
+    try:
+        yield
+    finally:
+        _state["module"] = saved
 
 
 def _build():
